@@ -1,0 +1,401 @@
+"""U-Net models: the DeepLearning.AI lab's network and the original 2015 paper's.
+
+Tensors are NCHW: images ``(N, C, H, W)`` float, logits ``(N, n_classes, H', W')``.
+
+* ``unet_model(input_size=(96, 128, 3), n_filters=32, n_classes=23)`` is the lab's Exercise 3 exactly:
+  'same' 3x3 convs with ReLU and He-normal init, dropout 0.3 on the last two encoder blocks, 3x3
+  stride-2 transposed convs, concatenation ``[up, skip]``, a 3x3 ``conv9`` and a 1x1 ``conv10`` head
+  that outputs logits. 8,640,471 parameters.
+* ``PaperUNet`` is Ronneberger et al. (2015): unpadded 3x3 convs, 2x2 up-convolutions,
+  crop-and-concatenate skips, 64 base filters, 23 conv layers; 572x572x1 in -> 388x388 out.
+* ``build_model("lab" | "paper", **options)`` builds either.
+
+Example:
+    >>> import torch
+    >>> from unetseg.model import unet_model, build_model
+    >>> net = unet_model()                       # the lab's model
+    >>> sum(p.numel() for p in net.parameters())
+    8640471
+    >>> net(torch.zeros(1, 3, 96, 128)).shape
+    torch.Size([1, 23, 96, 128])
+    >>> build_model("paper", n_classes=2, in_channels=1)(torch.zeros(1, 1, 572, 572)).shape
+    torch.Size([1, 2, 388, 388])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UnetsegError
+
+__all__ = [
+    "ConvBlock",
+    "UpsamplingBlock",
+    "UNet",
+    "PaperUNet",
+    "conv_block",
+    "upsampling_block",
+    "unet_model",
+    "build_model",
+    "model_from_config",
+    "check_lab_size",
+    "paper_output_size",
+    "valid_paper_sizes",
+    "count_parameters",
+    "count_conv_layers",
+]
+
+# TF draws He-normal from a normal truncated at 2 sigma and divides sigma by this constant (the std of a
+# standard normal truncated to [-2, 2]) so the final std is exactly sqrt(2 / fan_in).
+_TRUNC_STD = 0.87962566103423978
+
+
+def he_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """Keras ``HeNormal``: truncated normal (±2σ) whose final std is ``sqrt(2 / fan_in)``."""
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
+    std = math.sqrt(2.0 / fan_in) / _TRUNC_STD
+    return nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+def _conv(cin: int, cout: int, k: int, padding: str, init: str = "HeNormal", bias: bool = True) -> nn.Conv2d:
+    conv = nn.Conv2d(cin, cout, k, padding=1 if (padding == "same" and k == 3) else 0, bias=bias)
+    if init == "HeNormal":
+        he_normal_(conv.weight)
+    else:  # Keras' default for a Conv2D without kernel_initializer (the lab's conv10)
+        nn.init.xavier_uniform_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    # Read by the Keras-style summary.
+    conv.keras_padding, conv.keras_init = padding, init
+    return conv
+
+
+def _double_conv(cin: int, cout: int, padding: str, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for c in (cin, cout):
+        layers.append(_conv(c, cout, 3, padding, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(cout))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class Concatenate(nn.Module):
+    """``torch.cat`` on channels, as a module so it shows in the layer table (Keras ``Concatenate``)."""
+
+    def forward(self, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return torch.cat([up, skip], dim=1)
+
+
+class ConvTranspose2dSame(nn.ConvTranspose2d):
+    """Keras ``Conv2DTranspose(k, strides=2, padding='same')``: ``(N, C, H, W)`` → ``(N, C', 2H, 2W)``.
+
+    Reproduces TensorFlow's alignment (output pixel ``o`` gathers input ``i`` through tap ``k`` where
+    ``o = 2i + k``): an unpadded transposed conv cropped to ``2H x 2W``. PyTorch's
+    ``padding=1, output_padding=1`` is the same shape but shifted by one pixel, so Keras weights would
+    not give Keras' outputs.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=2, padding=0)
+        he_normal_(self.weight)
+        nn.init.zeros_(self.bias)
+        self.keras_padding, self.keras_init = "same", "HeNormal"
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return super().forward(x)[..., : 2 * h, : 2 * w]
+
+
+class ConvBlock(nn.Module):
+    """The lab's ``conv_block``: two 3x3 convs + ReLU, optional dropout, optional 2x2 max-pool.
+
+    ``forward(x)`` returns ``(next_layer, skip_connection)``: the skip is taken after dropout and before
+    pooling; without pooling both are the same tensor. Input ``(N, C_in, H, W)``; skip
+    ``(N, n_filters, H, W)``; next ``(N, n_filters, H/2, W/2)`` when pooling.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_filters: int = 32,
+        dropout_prob: float = 0.0,
+        max_pooling: bool = True,
+        padding: str = "same",
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.convs = _double_conv(in_channels, n_filters, padding, batch_norm)
+        self.dropout = nn.Dropout(dropout_prob) if dropout_prob > 0 else None
+        self.pool = nn.MaxPool2d(2) if max_pooling else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        skip = self.convs(x)
+        if self.dropout is not None:
+            skip = self.dropout(skip)
+        return (self.pool(skip) if self.pool is not None else skip), skip
+
+
+class UpsamplingBlock(nn.Module):
+    """The lab's ``upsampling_block``: 3x3 stride-2 'same' transposed conv, ``cat([up, skip])``, two convs.
+
+    ``forward(expansive_input (N, C_e, H, W), contractive_input (N, C_c, 2H, 2W))`` →
+    ``(N, n_filters, 2H, 2W)``.
+    """
+
+    def __init__(
+        self, expansive_channels: int, contractive_channels: int, n_filters: int = 32, batch_norm: bool = False
+    ) -> None:
+        super().__init__()
+        self.up = ConvTranspose2dSame(expansive_channels, n_filters, 3)
+        self.merge = Concatenate()
+        self.convs = _double_conv(n_filters + contractive_channels, n_filters, "same", batch_norm)
+
+    def forward(self, expansive_input: torch.Tensor, contractive_input: torch.Tensor) -> torch.Tensor:
+        return self.convs(self.merge(self.up(expansive_input), contractive_input))
+
+
+def conv_block(
+    in_channels: int, n_filters: int = 32, dropout_prob: float = 0.0, max_pooling: bool = True
+) -> ConvBlock:
+    """The lab's ``conv_block(inputs, n_filters, dropout_prob, max_pooling)`` as a module."""
+    return ConvBlock(in_channels, n_filters, dropout_prob, max_pooling)
+
+
+def upsampling_block(expansive_channels: int, contractive_channels: int, n_filters: int = 32) -> UpsamplingBlock:
+    """The lab's ``upsampling_block(expansive_input, contractive_input, n_filters)`` as a module."""
+    return UpsamplingBlock(expansive_channels, contractive_channels, n_filters)
+
+
+def check_lab_size(height: int, width: int, depth: int = 4) -> None:
+    """Raise ``UnetsegError`` unless both sides divide by ``2**depth`` (naming the nearest valid sizes)."""
+    m = 2**depth
+    for name, v in (("height", height), ("width", width)):
+        if v < m or v % m:
+            lo, hi = max(m, v // m * m), (v // m + 1) * m
+            options = f"{lo} or {hi}" if lo != hi and lo < v else f"{hi}"
+            raise UnetsegError(f"{name} {v} is not divisible by {m} (the lab U-Net pools {depth} times); use {options}")
+
+
+class UNet(nn.Module):
+    """The lab's U-Net (``'same'`` padding): output logits have the input's height and width.
+
+    Encoder: ``depth + 1`` conv blocks with ``n_filters * 2**i`` filters; the last two get dropout, the
+    last one no pooling. Decoder: ``depth`` upsampling blocks from the matching skips, then ``conv9``
+    (3x3, ReLU) and ``conv10`` (1x1, logits). Input ``(N, in_channels, H, W)``, H and W divisible by
+    ``2**depth``; output ``(N, n_classes, H, W)``.
+    """
+
+    arch = "lab"
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        n_classes: int = 23,
+        n_filters: int = 32,
+        depth: int = 4,
+        dropout: float = 0.3,
+        batch_norm: bool = False,
+        input_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if depth < 1:
+            raise UnetsegError(f"depth {depth} must be at least 1")
+        self.config = dict(
+            arch="lab", in_channels=in_channels, n_classes=n_classes, base_filters=n_filters, depth=depth,
+            dropout=dropout, batch_norm=batch_norm,
+        )
+        self.depth = depth
+        self.input_size = input_size
+        if input_size is not None:
+            check_lab_size(*input_size, depth=depth)
+        chans = [n_filters * 2**i for i in range(depth + 1)]
+        self.encoder = nn.ModuleList()
+        cin = in_channels
+        for i, c in enumerate(chans):
+            self.encoder.append(
+                ConvBlock(cin, c, dropout if i >= depth - 1 else 0.0, max_pooling=i < depth, batch_norm=batch_norm)
+            )
+            cin = c
+        self.decoder = nn.ModuleList(
+            UpsamplingBlock(chans[i + 1], chans[i], chans[i], batch_norm)
+            for i in reversed(range(depth))
+        )
+        self.conv9 = _conv(n_filters, n_filters, 3, "same")
+        self.relu9 = nn.ReLU(inplace=True)
+        self.conv10 = _conv(n_filters, n_classes, 1, "same", init="GlorotUniform")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
+            check_lab_size(x.shape[-2], x.shape[-1], self.depth)
+        skips = []
+        for block in self.encoder:
+            x, skip = block(x)
+            skips.append(skip)
+        x = skips.pop()  # the bottleneck: the last block does not pool
+        for block in self.decoder:
+            x = block(x, skips.pop())
+        return self.conv10(self.relu9(self.conv9(x)))
+
+
+def unet_model(input_size: Sequence[int] = (96, 128, 3), n_filters: int = 32, n_classes: int = 23) -> UNet:
+    """The lab's ``unet_model``; ``input_size`` is ``(height, width, channels)`` as in the lab."""
+    h, w, c = input_size
+    return UNet(in_channels=c, n_classes=n_classes, n_filters=n_filters, input_size=(h, w))
+
+
+def _paper_out(size: int, depth: int) -> tuple[int | None, str]:
+    """Output side for an input side of the unpadded U-Net, or ``(None, why)``."""
+    x = size
+    for level in range(depth):
+        x -= 4  # two unpadded 3x3 convs
+        if x <= 0 or x % 2:
+            return None, f"level {level + 1} reaches side {x}, which 2x2 pooling cannot halve"
+        x //= 2
+    x -= 4
+    if x <= 0:
+        return None, "the bottleneck is empty"
+    for _ in range(depth):
+        x = 2 * x - 4
+    return (x, "") if x > 0 else (None, "the output is empty")
+
+
+def paper_output_size(size: int, depth: int = 4) -> int:
+    """Output side length of the unpadded (paper) U-Net for an input side length.
+
+    Raises ``UnetsegError`` naming the nearest valid input sides when ``size`` does not fit.
+    """
+    out, why = _paper_out(size, depth)
+    if out is None:
+        options = " or ".join(f"{s} (output {_paper_out(s, depth)[0]})" for s in valid_paper_sizes(size, depth, 1))
+        raise UnetsegError(f"input side {size} does not fit the unpadded U-Net ({why}); use {options}")
+    return out
+
+
+def valid_paper_sizes(near: int, depth: int = 4, count: int = 2) -> list[int]:
+    """The valid paper-U-Net input sides closest to ``near``: up to ``count`` at or below it and ``count`` above."""
+    step = 2**depth  # valid sides repeat with this period
+    below = [s for s in range(near, 0, -1) if _paper_out(s, depth)[0]][:count]
+    above = [s for s in range(near + 1, near + step * (count + 1) + 200) if _paper_out(s, depth)[0]][:count]
+    return sorted(below + above)
+
+
+class PaperUNet(nn.Module):
+    """Ronneberger et al. (2015): unpadded convs, 2x2 up-convs, crop-and-concatenate, 1x1 head.
+
+    Input ``(N, in_channels, S, S')`` with sides valid for ``paper_output_size``; output
+    ``(N, n_classes, paper_output_size(S), paper_output_size(S'))``, aligned with the input's centre.
+    With the defaults (depth 4, 64 filters) it has 23 conv layers: 18 3x3 convs, 4 up-convs and the head.
+    """
+
+    arch = "paper"
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        n_classes: int = 2,
+        n_filters: int = 64,
+        depth: int = 4,
+        dropout: float = 0.0,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = dict(
+            arch="paper", in_channels=in_channels, n_classes=n_classes, base_filters=n_filters, depth=depth,
+            dropout=dropout, batch_norm=batch_norm,
+        )
+        self.depth = depth
+        chans = [n_filters * 2**i for i in range(depth + 1)]
+        self.encoder = nn.ModuleList()
+        cin = in_channels
+        for i, c in enumerate(chans):
+            # The paper puts dropout "at the end of the contracting path".
+            self.encoder.append(
+                ConvBlock(cin, c, dropout if i >= depth - 1 else 0.0, i < depth, "valid", batch_norm)
+            )
+            cin = c
+        self.ups = nn.ModuleList()
+        self.merges = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for i in reversed(range(depth)):
+            up = nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2)
+            he_normal_(up.weight)
+            nn.init.zeros_(up.bias)
+            up.keras_padding, up.keras_init = "valid", "HeNormal"
+            self.ups.append(up)
+            self.merges.append(Concatenate())
+            self.decoder.append(_double_conv(2 * chans[i], chans[i], "valid", batch_norm))
+        self.head = _conv(n_filters, n_classes, 1, "valid")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            for side in x.shape[-2:]:
+                paper_output_size(int(side), self.depth)
+        skips = []
+        for block in self.encoder:
+            x, skip = block(x)
+            skips.append(skip)
+        x = skips.pop()
+        for up, merge, convs in zip(self.ups, self.merges, self.decoder, strict=True):
+            x = up(x)
+            skip = skips.pop()
+            dh, dw = (skip.shape[-2] - x.shape[-2]) // 2, (skip.shape[-1] - x.shape[-1]) // 2
+            x = convs(merge(x, skip[..., dh : dh + x.shape[-2], dw : dw + x.shape[-1]]))
+        return self.head(x)
+
+
+def build_model(arch: str = "lab", **options: Any) -> nn.Module:
+    """Build ``"lab"`` (``UNet``) or ``"paper"`` (``PaperUNet``).
+
+    Options: ``depth``, ``base_filters`` (32 lab / 64 paper), ``dropout`` (0.3 lab / 0.0 paper),
+    ``in_channels`` (3 / 1), ``n_classes`` (23 / 2), ``batch_norm`` (False: the lab and paper have none).
+    """
+    options = dict(options)
+    if "base_filters" in options:
+        options["n_filters"] = options.pop("base_filters")
+    options.pop("arch", None)
+    if arch == "lab":
+        cls = UNet
+    elif arch == "paper":
+        cls = PaperUNet
+    else:
+        raise UnetsegError(f"unknown architecture {arch!r}; use 'lab' or 'paper'")
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise UnetsegError(f"bad model option for {arch!r}: {e}") from None
+
+
+def model_from_config(config: dict) -> nn.Module:
+    """Rebuild a model from ``model.config`` (as stored in checkpoints)."""
+    config = dict(config)
+    return build_model(config.pop("arch"), **config)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_conv_layers(model: nn.Module) -> int:
+    """Conv and transposed-conv layers (what the paper counts as its 23)."""
+    return sum(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules())
+
+
+def output_size(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """Output ``(H', W')`` of ``model`` for an ``(H, W)`` input, or raise ``UnetsegError`` if invalid."""
+    depth = getattr(model, "depth", 4)
+    if getattr(model, "arch", "lab") == "paper":
+        return paper_output_size(height, depth), paper_output_size(width, depth)
+    check_lab_size(height, width, depth)
+    return height, width
+
+
+def crop_like(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Centre-crop the last two dims of ``target`` to ``size`` (paper U-Net labels vs. its smaller output)."""
+    dh, dw = (target.shape[-2] - size[0]) // 2, (target.shape[-1] - size[1]) // 2
+    return target[..., dh : dh + size[0], dw : dw + size[1]]
