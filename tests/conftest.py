@@ -35,3 +35,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_configure(config: pytest.Config) -> None:
     # Tiny models gain nothing from many threads, and CI machines are small and shared.
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 generated driving scenes at 64x96 in the CARLA layout (4 runs of 10 frames)."""
+    from unetseg.data.synth import synth_dataset
+
+    root = tmp_path_factory.mktemp("scenes")
+    synth_dataset(root, count=40, seed=0, size=(64, 96), run_length=10)
+    return root
+
+
+TINY_TRAIN = dict(
+    recipe="lab", base_filters=8, depth=2, size=[32, 48], batch_size=8, epochs=2, threads=1,
+    no_progress=True, precision="fp32",
+)

@@ -6,14 +6,11 @@ Example:
     >>> unetseg.count_parameters(net)
     8640471
 
-Training, evaluation and prediction (``unetseg.train``, ``unetseg.evaluate``, ``unetseg.predict``) are
-imported on first use so that ``import unetseg`` stays light.
+Training, evaluation and prediction: ``unetseg.train(...)``, ``unetseg.evaluate(...)``,
+``unetseg.predict(...)`` (see their modules).
 """
 
 from __future__ import annotations
-
-import importlib
-from typing import Any
 
 from .errors import UnetsegError
 from .model import (
@@ -35,17 +32,9 @@ __all__ = [
     "predict", "load_checkpoint",
 ]
 
-_LAZY = {
-    "train": ("train", "train"),
-    "resume": ("train", "resume"),
-    "load_checkpoint": ("checkpoint", "load_checkpoint"),
-    "evaluate": ("evaluate", "evaluate"),
-    "predict": ("predict", "predict"),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(f".{module}", __name__), attr)
-    raise AttributeError(f"module 'unetseg' has no attribute {name!r}")
+# Eager on purpose: importing the function after its submodule rebinds ``unetseg.train`` (etc.) to the
+# function, so ``unetseg.train(...)`` works while ``unetseg.train`` the module stays in sys.modules.
+from .checkpoint import load_checkpoint  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .predict import predict  # noqa: E402
+from .train import resume, train  # noqa: E402

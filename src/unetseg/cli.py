@@ -89,7 +89,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate(
         args.checkpoint, args.data, out_dir=args.out, batch_size=args.batch_size, precision=args.precision,
-        layout=args.layout, threads=args.threads,
+        layout=args.layout, threads=args.threads, split=args.split,
     )
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     e.add_argument("--threads", type=int)
     e.add_argument("--layout", choices=LAYOUTS, default="auto")
+    e.add_argument("--split", choices=("val",), help="score only the frames the run held out for validation")
     e.set_defaults(func=_cmd_evaluate)
 
     r = sub.add_parser("predict", help="segment images: index PNG, colour mask, overlay (and triplet)")
@@ -214,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `unetseg ... | head` closed the pipe: not an error. Point stdout at devnull so the
+        # interpreter's final flush does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""Training settings: recipe YAML, then a user YAML, then CLI flags; the resolved result is saved per run.
+
+Settings are one flat dataclass of plain values (nanoGPT-style), so a run's ``config.yaml`` reads like the
+command that made it.
+
+Example:
+    >>> from unetseg.config import resolve_config
+    >>> cfg = resolve_config(recipe="lab", overrides={"data": "scenes", "out": "runs/lab", "epochs": 2})
+    >>> cfg.batch_size, cfg.size, cfg.epochs
+    (32, [96, 128], 2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UnetsegError
+
+RECIPES = ("lab", "default")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the defaults are only the fallback under a recipe."""
+
+    data: str | None = None  # dataset folder; None: generate driving scenes into RUN_DIR/scenes
+    out: str = "runs/unetseg"
+    recipe: str = "default"
+    # model
+    arch: str = "lab"
+    base_filters: int = 32
+    depth: int = 4
+    dropout: float = 0.3
+    batch_norm: bool = False
+    n_classes: int | None = None  # None: from the dataset (23 for CARLA)
+    # data
+    size: list[int] | None = field(default_factory=lambda: [96, 128])  # (H, W) every frame is resized to
+    resize_mode: str = "lab"  # lab: nearest for images and masks; default: area/bilinear images, nearest masks
+    crop: list[int] | None = None  # (H, W) random training crops; None: whole frames
+    augment: bool = False  # flip, scale, colour jitter (train only)
+    scale_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    color_jitter: float = 0.2
+    layout: str = "auto"
+    val_fraction: float = 0.2
+    val_every: int = 1  # validate every k epochs (and always after the last)
+    synth_count: int = 300  # frames generated when no --data is given
+    # optimisation
+    epochs: int = 40
+    batch_size: int = 32  # global batch
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | onecycle | cosine
+    warmup_fraction: float = 0.1  # one-cycle: share of steps spent warming up
+    loss: str = "ce"  # ce | ce+dice
+    class_weighting: str = "none"  # none | sqrt_inverse (from training-set pixel shares)
+    # execution
+    seed: int = 0
+    deterministic: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16
+    threads: int | None = None
+    device: str = "auto"
+    time_budget: float | None = None  # minutes: stop after the epoch that passes it
+    no_progress: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    if name not in RECIPES:
+        raise UnetsegError(f"unknown recipe {name!r}; use one of {', '.join(RECIPES)}")
+    text = resources.files("unetseg.recipes").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text) or {}
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UnetsegError(f"{path}: config file not found")
+    try:
+        obj = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UnetsegError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(obj, dict):
+        raise UnetsegError(f"{path}: expected a mapping of settings, got {type(obj).__name__}")
+    return obj
+
+
+def resolve_config(
+    recipe: str | None = None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Recipe defaults, then ``config_file``, then ``overrides`` (None values are ignored)."""
+    user = _read_yaml(config_file) if config_file else {}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    name = overrides.get("recipe") or recipe or user.get("recipe") or "default"
+    merged: dict[str, Any] = {**load_recipe(name), **user, **overrides, "recipe": name}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise UnetsegError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = TrainConfig(**merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject impossible settings with messages that say which flag to change."""
+    checks = [
+        (cfg.epochs >= 1, f"--epochs {cfg.epochs} must be at least 1"),
+        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be at least 1"),
+        (cfg.lr > 0, f"--lr {cfg.lr} must be positive"),
+        (0 <= cfg.dropout < 1, f"--dropout {cfg.dropout} must be in [0, 1)"),
+        (0 < cfg.val_fraction < 1, f"--val-fraction {cfg.val_fraction} must be between 0 and 1"),
+        (cfg.val_every >= 1, f"val_every {cfg.val_every} must be at least 1"),
+        (cfg.arch in ("lab", "paper"), f"--arch {cfg.arch!r} must be lab or paper"),
+        (cfg.optimizer in ("adam", "adamw"), f"optimizer {cfg.optimizer!r} must be adam or adamw"),
+        (cfg.schedule in ("constant", "onecycle", "cosine"), f"schedule {cfg.schedule!r} is unknown"),
+        (cfg.loss in ("ce", "ce+dice"), f"loss {cfg.loss!r} must be ce or ce+dice"),
+        (cfg.class_weighting in ("none", "sqrt_inverse"), f"class_weighting {cfg.class_weighting!r} is unknown"),
+        (cfg.resize_mode in ("lab", "default"), f"resize_mode {cfg.resize_mode!r} must be lab or default"),
+        (cfg.precision in ("auto", "fp32", "bf16"), f"--precision {cfg.precision!r} must be auto, fp32 or bf16"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UnetsegError(message)
+    for name in ("size", "crop"):
+        v = getattr(cfg, name)
+        if v is not None and (len(v) != 2 or min(v) < 1):
+            raise UnetsegError(f"{name} {v} must be two positive integers H W")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Build a ``TrainConfig`` from ``unetseg train`` flags (flags override the YAML)."""
+    flags = {
+        "data": args.data, "out": args.out, "recipe": args.recipe, "arch": args.arch, "epochs": args.epochs,
+        "batch_size": args.batch_size, "lr": args.lr, "size": list(args.size) if args.size else None,
+        "dropout": args.dropout, "val_fraction": args.val_fraction, "seed": args.seed,
+        "deterministic": args.deterministic, "precision": args.precision, "threads": args.threads,
+        "device": args.device, "n_classes": args.classes, "layout": args.layout,
+        "time_budget": args.time_budget, "no_progress": args.no_progress,
+    }
+    return resolve_config(config_file=args.config, overrides=flags)
+
+
+def save_yaml(data: dict[str, Any], path: str | Path) -> None:
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The resolved settings saved in ``RUN_DIR/config.yaml``."""
+    path = Path(run_dir) / "config.yaml"
+    data = _read_yaml(path)
+    settings = data.get("settings", data)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in settings.items() if k in known})

@@ -1,0 +1,119 @@
+"""Batch augmentation in torch with identical geometry for images and masks.
+
+Per sample: a horizontal flip (p = 0.5), a random scale followed by a random crop of ``crop_size``, and
+colour jitter (brightness, contrast, saturation; image only). Flip, scale and crop are one affine
+resampling (:func:`torch.nn.functional.grid_sample`), bilinear for the image and nearest for the mask,
+so the mask's labels are copied, never blended, and both stay aligned to the pixel. The scale is drawn
+from ``scale_range`` but raised where needed so the crop always fits inside the scaled image (no
+padding, no invented labels). The lab recipe uses no augmentation.
+
+Example:
+    >>> import torch
+    >>> from unetseg.data.augment import augment_batch
+    >>> x = torch.rand(4, 3, 96, 128); y = torch.randint(0, 23, (4, 96, 128))
+    >>> xa, ya = augment_batch(x, y, crop_size=(64, 64), generator=torch.Generator().manual_seed(0))
+    >>> xa.shape, ya.shape, ya.dtype
+    (torch.Size([4, 3, 64, 64]), torch.Size([4, 64, 64]), torch.int64)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UnetsegError
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None,
+             device: torch.device) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device="cpu").to(device)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma, ``(B, 1, H, W)``."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def jitter_colors(images: torch.Tensor, strength: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random brightness, contrast and saturation factors in ``[1 - strength, 1 + strength]`` per sample.
+
+    ``images``: ``(B, 3, H, W)`` float in [0, 1]; returns the same shape, clamped to [0, 1].
+    """
+    if strength <= 0:
+        return images
+    b = images.shape[0]
+    dev = images.device
+    f = [_uniform(b, 1 - strength, 1 + strength, generator, dev).view(b, 1, 1, 1) for _ in range(3)]
+    x = images * f[0]
+    mean = _gray(x).mean(dim=(2, 3), keepdim=True)
+    x = (x - mean) * f[1] + mean
+    g = _gray(x)
+    x = (x - g) * f[2] + g
+    return x.clamp_(0.0, 1.0)
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, *, crop_size: tuple[int, int] | None = None,
+                  scale_range: tuple[float, float] = (0.75, 1.25), hflip: bool = True,
+                  color_jitter: float = 0.2,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment a batch.
+
+    ``images``: ``(B, 3, H, W)`` float32 in [0, 1]; ``masks``: ``(B, H, W)`` int64 class ids.
+    Returns ``(images (B, 3, h, w) float32 in [0, 1], masks (B, h, w) int64)`` with ``(h, w) = crop_size``,
+    or ``(H, W)`` when ``crop_size`` is ``None`` (then scales below 1 cannot fit and are raised to 1).
+    ``scale_range=None`` or ``(1, 1)`` with ``crop_size=None`` skips resampling; ``color_jitter=0`` skips
+    colour changes. All randomness comes from ``generator`` (a CPU ``torch.Generator``), so a seeded
+    generator reproduces the batch.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise UnetsegError(f"augment_batch: images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if masks.shape != (images.shape[0], *images.shape[2:]):
+        raise UnetsegError(f"augment_batch: masks {tuple(masks.shape)} do not match images "
+                           f"{tuple(images.shape)}; expected (B, H, W)")
+    b, _, h_in, w_in = images.shape
+    h_out, w_out = (h_in, w_in) if crop_size is None else (int(crop_size[0]), int(crop_size[1]))
+    if h_out < 1 or w_out < 1:
+        raise UnetsegError(f"augment_batch: crop size must be positive, got {crop_size}")
+    lo, hi = (1.0, 1.0) if scale_range is None else (float(scale_range[0]), float(scale_range[1]))
+    if lo <= 0 or hi < lo:
+        raise UnetsegError(f"augment_batch: scale_range must be 0 < low <= high, got {scale_range}")
+    dev = images.device
+    images = images.float()
+
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev) if hflip else torch.zeros(b, dtype=torch.bool,
+                                                                                      device=dev)
+    need_resample = crop_size is not None or lo != 1.0 or hi != 1.0
+    if need_resample:
+        # Smallest scale at which the crop fits; draw uniformly from the feasible part of the range.
+        s_min = max(h_out / h_in, w_out / w_in)
+        u = torch.rand(b, generator=generator).to(dev, torch.float64)
+        lo_b = max(lo, s_min)
+        hi_b = max(hi, lo_b)
+        s = lo_b + (hi_b - lo_b) * u
+        # Crop offsets in scaled-image pixels.
+        left = torch.rand(b, generator=generator).to(dev, torch.float64) * (w_in * s - w_out).clamp(min=0)
+        top = torch.rand(b, generator=generator).to(dev, torch.float64) * (h_in * s - h_out).clamp(min=0)
+        # Output pixel centre (j + 0.5) maps to input x = (left + j + 0.5) / s; in grid_sample's normalised
+        # coordinates (align_corners=False): x_n = a * u + c with u the output's normalised coordinate.
+        ax = w_out / (w_in * s)
+        cx = (w_out + 2 * left) / (w_in * s) - 1
+        ay = h_out / (h_in * s)
+        cy = (h_out + 2 * top) / (h_in * s) - 1
+        sign = torch.where(flip, -1.0, 1.0).to(torch.float64)
+        theta = torch.zeros(b, 2, 3, dtype=torch.float64, device=dev)
+        theta[:, 0, 0] = ax * sign
+        theta[:, 0, 2] = cx * sign  # mirroring the sampled x mirrors the crop inside the image
+        theta[:, 1, 1] = ay
+        theta[:, 1, 2] = cy
+        grid = F.affine_grid(theta.float(), [b, 3, h_out, w_out], align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # float32 holds integer ids exactly (< 2**24); nearest copies one source value per pixel.
+        masks = F.grid_sample(masks.unsqueeze(1).float(), grid, mode="nearest", padding_mode="border",
+                              align_corners=False).squeeze(1).round().long()
+    else:
+        f4 = flip.view(b, 1, 1, 1)
+        images = torch.where(f4, images.flip(-1), images)
+        masks = torch.where(flip.view(b, 1, 1), masks.flip(-1), masks).long()
+    images = jitter_colors(images, float(color_jitter), generator)
+    return images.clamp(0.0, 1.0), masks

@@ -1,0 +1,194 @@
+"""Inference from a checkpoint: class-index masks at each input's own resolution.
+
+A checkpoint carries the model config, class names and preprocessing, so nothing else is needed. Frames
+are resized as in training, run in batches on the fast path (bf16 autocast where the CPU does bf16
+natively, channels_last), and the logits are resized back to the input's size before the argmax.
+
+``predict`` writes, for each input image ``NAME``::
+
+    OUT/masks/NAME.png     class indices, PNG mode L, the input's size
+    OUT/color/NAME.png     colourised mask
+    OUT/overlay/NAME.png   mask blended over the image
+    OUT/triplet/NAME.png   input | true mask | predicted mask (when a true mask is known)
+
+Example:
+    >>> from unetseg import predict
+    >>> predict("runs/demo/best.pt", ["scenes/CameraRGB"], "preds")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint
+from .classes import ClassTable
+from .errors import UnetsegError
+from .model import model_from_config
+from .runtime import autocast, memory_format, pick_device, resolve_precision, set_threads
+from .train import forward_full
+
+
+class Predictor:
+    """A model from a checkpoint, ready to segment HWC uint8 RGB images of any size.
+
+    Example:
+        >>> p = Predictor("runs/demo/best.pt")            # doctest: +SKIP
+        >>> masks = p.predict([image])                     # doctest: +SKIP  -> [(H, W) uint8]
+    """
+
+    def __init__(
+        self, checkpoint: str | Path | dict[str, Any], precision: str = "auto", device: str = "auto",
+        threads: int | None = None, batch_size: int = 8,
+    ) -> None:
+        state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+        set_threads(threads)
+        self.device = pick_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model_from_config(state["model_config"])
+        self.model.load_state_dict(state["model"])
+        self.model.to(self.device, memory_format=memory_format(self.device)).eval()
+        self.classes = ClassTable.from_dict(state["classes"])
+        self.preprocess = dict(state.get("preprocess") or {})
+        self.state = state
+        self.batch_size = batch_size
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def _prepare(self, image: np.ndarray) -> np.ndarray:
+        from .data import resize_image
+
+        size = self.preprocess.get("size")
+        if size and tuple(image.shape[:2]) != tuple(size):
+            return resize_image(image, tuple(size), self.preprocess.get("resize_mode", "default"))
+        return image
+
+    @torch.inference_mode()
+    def logits(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> torch.Tensor:
+        """Float32 logits ``(N, C, *out_size)`` for same-size HWC uint8 ``images``."""
+        x = torch.from_numpy(np.stack([self._prepare(im) for im in images])).permute(0, 3, 1, 2)
+        x = x.to(self.device).float().div_(255).contiguous(memory_format=memory_format(self.device))
+        with autocast(self.precision, self.device):
+            out = forward_full(self.model, x)
+        out = out.float()
+        if tuple(out.shape[-2:]) != tuple(out_size):
+            out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
+        return out
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Class-index masks ``(H, W)`` uint8, each at its image's own size."""
+        results: list[np.ndarray | None] = [None] * len(images)
+        for idx in _same_size_batches([im.shape[:2] for im in images], self.batch_size):
+            pred = self.logits([images[i] for i in idx], tuple(images[idx[0]].shape[:2])).argmax(1)
+            for i, p in zip(idx, pred.to(torch.uint8).cpu().numpy(), strict=True):
+                results[i] = p
+        return results  # type: ignore[return-value]
+
+
+def _same_size_batches(shapes: Sequence[tuple[int, ...]], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped into batches of consecutive same-size images."""
+    batch: list[int] = []
+    for i, shape in enumerate(shapes):
+        if batch and (shape != shapes[batch[0]] or len(batch) == batch_size):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files, folders (their images, sorted) and globs → image paths; an input matching nothing is an error."""
+    from .data import list_images
+
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            sub = p / "CameraRGB" if (p / "CameraRGB").is_dir() else p / "images" if (p / "images").is_dir() else p
+            found, _ = list_images(sub)
+            if not found:
+                raise UnetsegError(f"{p}: no images found (PNG, JPEG, BMP or TIFF)")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(item)) if Path(m).is_file())
+            if not matches:
+                raise UnetsegError(f"{item}: no such file or folder, and no file matches it as a glob")
+            paths.extend(matches)
+    stems: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in stems and stems[p.stem] != p:
+            raise UnetsegError(f"two inputs share the name {p.stem!r} ({stems[p.stem]} and {p}); "
+                               "outputs would overwrite each other: predict them into separate --out folders")
+        stems[p.stem] = p
+    return list(dict.fromkeys(paths))
+
+
+def _true_mask_path(image: Path, masks_dir: Path | None) -> tuple[Path, str] | None:
+    """The true mask for ``image``: in ``masks_dir`` by name, or beside it in a CARLA/generic layout."""
+    candidates: list[tuple[Path, str]] = []
+    if masks_dir is not None:
+        candidates += [(masks_dir / f"{image.stem}{ext}", "auto") for ext in (image.suffix, ".png")]
+    parent = image.parent
+    for sub, layout in (("CameraMask", "carla"), ("CameraSeg", "lyft"), ("masks", "generic")):
+        if parent.name in ("CameraRGB", "images"):
+            candidates.append((parent.parent / sub / f"{image.stem}.png", layout))
+    for path, layout in candidates:
+        if path.is_file():
+            return path, layout
+    return None
+
+
+def predict(
+    checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, masks: str | Path | None = None,
+    batch_size: int = 8, precision: str = "auto", threads: int | None = None, progress: bool = True,
+) -> list[Path]:
+    """Segment every input image; write mask, colour, overlay (and triplet) PNGs; return the mask paths."""
+    from .classes import colorize
+    from .data import read_image, read_mask
+    from .visualize import overlay, save_png, save_triplet
+
+    predictor = Predictor(checkpoint, precision=precision, threads=threads, batch_size=batch_size)
+    paths = expand_inputs(inputs)
+    masks_dir = Path(masks) if masks else None
+    if masks_dir is not None and not masks_dir.is_dir():
+        raise UnetsegError(f"{masks_dir}: --masks folder not found")
+    out = Path(out_dir)
+    for sub in ("masks", "color", "overlay"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    layout = predictor.preprocess.get("layout", "auto")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        # Decode the next chunk while the model runs on this one.
+        chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+        decoded = pool.map(lambda chunk: [read_image(p) for p in chunk], chunks)
+        bar = tqdm(total=len(paths), desc="predict", disable=not progress, leave=False)
+        for chunk, images in zip(chunks, decoded, strict=True):
+            for path, image, pred in zip(chunk, images, predictor.predict(images), strict=True):
+                stem = path.stem
+                written.append(save_png(pred, out / "masks" / f"{stem}.png", mode="L"))
+                save_png(colorize(pred, predictor.classes), out / "color" / f"{stem}.png")
+                save_png(overlay(image, pred, predictor.classes), out / "overlay" / f"{stem}.png")
+                found = _true_mask_path(path, masks_dir)
+                if found is not None:
+                    mask_path, mask_layout = found
+                    true = read_mask(mask_path, layout if mask_layout == "auto" else mask_layout)
+                    if true.shape != pred.shape:
+                        raise UnetsegError(f"{mask_path}: mask is {true.shape[1]}x{true.shape[0]} but its image "
+                                           f"{path} is {pred.shape[1]}x{pred.shape[0]}")
+                    save_triplet(image, true, pred, predictor.classes, out / "triplet" / f"{stem}.png")
+                bar.update()
+        bar.close()
+    return written

@@ -1,0 +1,512 @@
+"""The training loop: one readable function from a config to a run directory.
+
+A run directory holds ``config.yaml`` (resolved settings, versions, threads, device), ``split.json``,
+``history.csv`` (one row per epoch), ``curves.png``, ``last.pt`` (every epoch) and ``best.pt`` (best
+validation mIoU). Every file is replaced atomically. ``resume(RUN_DIR)`` continues after the last
+completed epoch with model, optimizer, scheduler and RNG restored; the data order and augmentation of
+epoch ``e`` come from generators seeded by ``(seed, e)``, so with ``deterministic=True`` an interrupted and
+resumed run ends with the same weights as one never interrupted.
+
+Example:
+    >>> from unetseg import train
+    >>> summary = train(recipe="lab", data="scenes", out="runs/lab", epochs=2)  # doctest: +SKIP
+    >>> summary["best_miou"]                                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import platform
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import __version__ as unetseg_version
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .classes import ClassTable
+from .config import TrainConfig, load_run_config, resolve_config, save_yaml
+from .errors import UnetsegError
+from .losses import LossFn, class_weights, cross_entropy, make_loss
+from .metrics import confusion_matrix, mean_iou, pixel_accuracy
+from .model import build_model, check_lab_size, crop_like, paper_output_size
+from .runtime import autocast, describe, memory_format, pick_device, resolve_precision, set_threads
+
+HISTORY_COLUMNS = [
+    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_miou", "seconds",
+    "lr", "data_wait_seconds", "images_per_s",
+]
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    precision: str,
+    device: torch.device,
+    loss_fn: LossFn = cross_entropy,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One optimisation step on ``images (N, 3, H, W)`` float in [0, 1] and ``masks (N, H, W)`` int64.
+
+    Returns ``(loss, correct_pixels, pixels)``: the detached mean loss, the count of pixels predicted
+    right (a scalar tensor) and of pixels scored. Labels are centre-cropped to the output for the
+    unpadded (paper) U-Net, whose output is smaller than its input.
+    """
+    with autocast(precision, device):
+        logits = model(images)
+    if logits.shape[-2:] != masks.shape[-2:]:
+        masks = crop_like(masks, tuple(logits.shape[-2:]))
+    loss = loss_fn(logits.float(), masks)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        correct = (logits.argmax(1) == masks).sum()
+    return loss.detach(), correct, masks.numel()
+
+
+def forward_full(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits ``(N, C, H, W)`` for images ``(N, 3, H, W)`` of any size.
+
+    The lab U-Net needs sides divisible by ``2**depth`` and the paper U-Net loses a border, so the input
+    is mirror-padded to the nearest size the network takes and the logits are cropped back.
+    """
+    h, w = images.shape[-2:]
+    depth = getattr(model, "depth", 4)
+    if getattr(model, "arch", "lab") == "paper":
+        pads = []
+        for side in (h, w):
+            size = side
+            while True:
+                try:
+                    out = paper_output_size(size, depth)
+                except UnetsegError:
+                    out = -1
+                if out >= side:
+                    break
+                size += 1
+            border = (size - out) // 2
+            pads.append((border, size - side - border))
+    else:
+        m = 2**depth
+        pads = [(0, -side % m) for side in (h, w)]
+    (top, bottom), (left, right) = pads
+    if top or bottom or left or right:
+        mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "replicate"
+        images = nn.functional.pad(images, (left, right, top, bottom), mode=mode)
+    logits = model(images)
+    return logits[..., :h, :w]
+
+
+@torch.inference_mode()
+def validate(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    n_classes: int,
+    precision: str,
+    device: torch.device,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Plain CE loss, pixel accuracy and mIoU of ``model`` on uint8 ``images (N, 3, H, W)``, ``masks (N, H, W)``."""
+    was_training = model.training
+    model.eval()
+    cm = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    loss_sum = 0.0
+    fmt = memory_format(device)
+    for s in range(0, len(images), batch_size):
+        x = images[s : s + batch_size].to(device).float().div_(255).contiguous(memory_format=fmt)
+        y = masks[s : s + batch_size].to(device).long()
+        with autocast(precision, device):
+            logits = forward_full(model, x)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        cm += confusion_matrix(logits.argmax(1), y, n_classes).cpu()
+    model.train(was_training)
+    pixels = masks.numel()
+    return {"loss": loss_sum / pixels, "accuracy": pixel_accuracy(cm), "miou": mean_iou(cm), "confusion": cm}
+
+
+# ------------------------------------------------------------------------------------------------ run setup
+
+
+@dataclass
+class _Run:
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    precision: str
+    classes: ClassTable
+    train_images: torch.Tensor  # (N, 3, H, W) uint8
+    train_masks: torch.Tensor  # (N, H, W) uint8
+    val_images: torch.Tensor
+    val_masks: torch.Tensor
+    split: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    loss_fn: LossFn
+    steps_per_epoch: int
+    preprocess: dict[str, Any]
+
+
+def _check_sizes(cfg: TrainConfig, frame_size: tuple[int, int]) -> None:
+    train_size = tuple(cfg.crop) if cfg.crop else frame_size
+    if cfg.arch == "lab":
+        check_lab_size(*train_size, depth=cfg.depth)
+    else:
+        for side in train_size:
+            paper_output_size(side, cfg.depth)
+    if cfg.crop and (cfg.crop[0] > frame_size[0] or cfg.crop[1] > frame_size[1]):
+        raise UnetsegError(f"crop {cfg.crop} is larger than the frames {list(frame_size)}; lower crop or raise --size")
+
+
+def _dataset_root(cfg: TrainConfig, run_dir: Path) -> Path:
+    if cfg.data:
+        return Path(cfg.data)
+    from .data.synth import synth_dataset
+
+    root = run_dir / "scenes"
+    if not (root / "CameraRGB").is_dir():
+        print(f"no --data given: generating {cfg.synth_count} driving scenes in {root} "
+              "(point --data at the lab's CARLA folder, e.g. data/ with CameraRGB/ and CameraMask/, to use it)")
+        synth_dataset(root, count=cfg.synth_count, seed=cfg.seed)
+    return root
+
+
+def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_fraction
+        )
+    if cfg.schedule == "cosine":
+        warm = max(1, int(cfg.warmup_fraction * total_steps))
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return None
+
+
+def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _Run:
+    from .data import Split, load_dataset, split_by_sequence
+
+    set_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    root = _dataset_root(cfg, run_dir)
+    data = load_dataset(
+        root, size=tuple(cfg.size) if cfg.size else None, resize_mode=cfg.resize_mode, n_classes=cfg.n_classes,
+        layout=cfg.layout, progress=not cfg.no_progress,
+    )
+    n_classes = len(data.classes)
+    if len(data) < 2:
+        raise UnetsegError(f"{root}: {len(data)} frame(s); training needs at least 2 (one to validate on)")
+    _check_sizes(cfg, data.size)
+    if split_dict:
+        split = Split.from_names(data.names, split_dict)
+    else:
+        split = split_by_sequence(data.names, cfg.val_fraction, cfg.seed)
+    if not split.train or not split.val:
+        raise UnetsegError(f"{root}: the split left {len(split.train)} training and {len(split.val)} validation "
+                           "frames; use more data or change --val-fraction")
+    tr, va = torch.tensor(split.train), torch.tensor(split.val)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(
+        cfg.arch, in_channels=3, n_classes=n_classes, base_filters=cfg.base_filters, depth=cfg.depth,
+        dropout=cfg.dropout, batch_norm=cfg.batch_norm,
+    ).to(device, memory_format=memory_format(device))
+    if cfg.optimizer == "adam":
+        # Keras' Adam epsilon (1e-7), for fidelity to the lab; torch's default is 1e-8.
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-7, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = math.ceil(len(split.train) / cfg.batch_size)
+    scheduler = _make_scheduler(cfg, optimizer, steps * cfg.epochs)
+    train_masks = data.masks.index_select(0, tr)
+    weights = class_weights(train_masks, n_classes, cfg.class_weighting).to(device)
+    loss_fn = make_loss(cfg.loss, n_classes, None if cfg.class_weighting == "none" else weights)
+    preprocess = {
+        "size": list(data.size), "resize_mode": cfg.resize_mode, "scale": 1 / 255, "layout": data.layout,
+    }
+    return _Run(
+        cfg=cfg, run_dir=run_dir, device=device, precision=precision, classes=data.classes,
+        train_images=data.images.index_select(0, tr), train_masks=train_masks,
+        val_images=data.images.index_select(0, va), val_masks=data.masks.index_select(0, va), split=split,
+        model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, steps_per_epoch=steps,
+        preprocess=preprocess,
+    )
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # One generator per (seed, epoch): a resumed run draws the same order and augmentation.
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from .data import augment_batch
+
+    cfg = run.cfg
+    g = _epoch_generator(cfg.seed, epoch)
+    order = torch.randperm(len(run.train_images), generator=g)
+    fmt = memory_format(run.device)
+    for s in range(0, len(order), cfg.batch_size):
+        idx = order[s : s + cfg.batch_size]
+        x = run.train_images[idx].float().div_(255)
+        y = run.train_masks[idx].long()
+        if cfg.augment or cfg.crop:
+            x, y = augment_batch(
+                x, y, crop_size=tuple(cfg.crop) if cfg.crop else None,
+                scale_range=tuple(cfg.scale_range) if cfg.augment else None, hflip=cfg.augment,
+                color_jitter=cfg.color_jitter if cfg.augment else 0.0, generator=g,
+            )
+        yield x.to(run.device).contiguous(memory_format=fmt), y.to(run.device)
+
+
+def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Run ``it`` in a background thread, ``depth`` items ahead (torch ops release the GIL)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in it:
+                q.put(item)
+        except BaseException as e:  # hand errors to the consumer instead of dying silently
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# ---------------------------------------------------------------------------------------------- run files
+
+
+def _environment(run: _Run) -> dict[str, Any]:
+    import numpy
+    import PIL
+
+    env = describe(run.device, run.precision)
+    env.update(unetseg=unetseg_version, numpy=numpy.__version__, pillow=PIL.__version__,
+               python=platform.python_version(), platform=platform.platform())
+    return env
+
+
+def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(run_dir / "history.csv", buf.getvalue())
+
+
+def _checkpoint_state(run: _Run, epoch: int, best: float, history: list, for_resume: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "format": "unetseg-checkpoint-1",
+        "model": run.model.state_dict(),
+        "model_config": dict(run.model.config),
+        "classes": run.classes.to_dict(),
+        "preprocess": dict(run.preprocess),
+        "epoch": epoch,
+        "best_miou": best,
+        "history": history,
+        "config": run.cfg.to_dict(),
+        "val_names": list(run.split.val_names),
+        "unetseg_version": unetseg_version,
+    }
+    if for_resume:
+        state["optimizer"] = run.optimizer.state_dict()
+        state["scheduler"] = run.scheduler.state_dict() if run.scheduler is not None else None
+        state["rng"] = torch.get_rng_state()
+    return state
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float) -> dict[str, Any]:
+    cfg, model = run.cfg, run.model
+    n_classes = len(run.classes)
+    tb = _tensorboard(run.run_dir)
+    started = time.perf_counter()
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        correct = pixels = seen = 0
+        data_wait = 0.0
+        bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=cfg.no_progress,
+                   leave=False, dynamic_ncols=True)
+        batches = _prefetch(_batches(run, epoch))
+        for step in range(run.steps_per_epoch):
+            tw = time.perf_counter()
+            x, y = next(batches)
+            data_wait += time.perf_counter() - tw
+            loss, ok, n_px = train_step(model, run.optimizer, x, y, run.precision, run.device, run.loss_fn)
+            if not torch.isfinite(loss):
+                bar.close()
+                raise UnetsegError(
+                    f"loss became {loss.item()} at epoch {epoch}, step {step + 1}: training stopped. "
+                    f"{run.run_dir / 'last.pt'} still holds epoch {epoch - 1}; try a lower --lr or --precision fp32"
+                )
+            if run.scheduler is not None:
+                run.scheduler.step()
+            loss_sum += loss.double() * x.shape[0]
+            correct += int(ok)
+            pixels += n_px
+            seen += x.shape[0]
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct / pixels:.4f}")
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        nan = float("nan")
+        val = {"loss": nan, "accuracy": nan, "miou": nan}
+        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+            val = validate(model, run.val_images, run.val_masks, n_classes, run.precision, run.device)
+        seconds = time.perf_counter() - t0
+        row = {
+            "epoch": epoch, "train_loss": loss_sum.item() / seen, "train_accuracy": correct / pixels,
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_miou": val["miou"],
+            "seconds": seconds, "lr": run.optimizer.param_groups[0]["lr"], "data_wait_seconds": data_wait,
+            "images_per_s": seen / train_seconds,
+        }
+        history.append(row)
+        improved = val["miou"] > best or (best != best and val["miou"] == val["miou"])  # NaN-aware
+        if improved:
+            best = val["miou"]
+        # last.pt first: if killed between the two writes, resume still finds this epoch.
+        save_checkpoint(_checkpoint_state(run, epoch, best, history, for_resume=True), run.run_dir / "last.pt")
+        if improved:
+            save_checkpoint(_checkpoint_state(run, epoch, best, history, for_resume=False), run.run_dir / "best.pt")
+        _write_history(run.run_dir, history)
+        _plot(run.run_dir, history)
+        if tb is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    tb.add_scalar(k, v, epoch)
+        print(
+            f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {row['train_accuracy']:.4f}  "
+            f"val_loss {row['val_loss']:.4f}  val_acc {row['val_accuracy']:.4f}  val_mIoU {row['val_miou']:.4f}"
+            f"  {seconds:.1f}s ({row['images_per_s']:.1f} img/s, data wait {data_wait:.2f}s)",
+            flush=True,
+        )
+        if cfg.time_budget is not None and time.perf_counter() - started > 60 * cfg.time_budget:
+            print(f"time budget of {cfg.time_budget} min reached after epoch {epoch}; stopping", flush=True)
+            stopped_early = True
+            break
+    if tb is not None:
+        tb.close()
+    return {
+        "run_dir": str(run.run_dir), "epochs": history[-1]["epoch"] if history else 0, "best_miou": best,
+        "history": history, "seconds": sum(r["seconds"] for r in history), "stopped_early": stopped_early,
+    }
+
+
+def _plot(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    from .visualize import plot_curves
+
+    plot_curves(history, run_dir / "curves.png")
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+# ------------------------------------------------------------------------------------------------ public
+
+
+def train(config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
+    """Train from a ``TrainConfig`` or keyword settings (``recipe=``, ``data=``, ``out=``, ``epochs=`` …).
+
+    Returns ``{"run_dir", "epochs", "best_miou", "history", "seconds", "stopped_early"}``.
+    Refuses an ``out`` folder that already holds a run (resume it, or pick a new folder).
+    """
+    cfg = config if config is not None else resolve_config(overrides=settings)
+    run_dir = Path(cfg.out)
+    if (run_dir / "last.pt").exists():
+        raise UnetsegError(f"{run_dir} already holds a training run; continue it with "
+                           f"`unetseg train --resume {run_dir}` or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = _setup(cfg, run_dir)
+    atomic_write_text(run_dir / "split.json", _json(run.split.to_dict()))
+    save_yaml({"settings": cfg.to_dict(), "environment": _environment(run), "data": _data_facts(run)},
+              run_dir / "config.yaml")
+    print(f"training {cfg.arch} U-Net ({sum(p.numel() for p in run.model.parameters()):,} parameters) on "
+          f"{len(run.train_images)} frames, validating on {len(run.val_images)} from held-out sequences; "
+          f"{run.precision} on {run.device} with {torch.get_num_threads()} threads", flush=True)
+    return _fit(run, 1, [], float("nan"))
+
+
+def resume(run_dir: str | Path, epochs: int | None = None) -> dict[str, Any]:
+    """Continue ``run_dir`` after its last completed epoch (optionally to a new total ``epochs``)."""
+    import json
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    state = load_checkpoint(run_dir / "last.pt", require=("model", "optimizer", "epoch", "rng"))
+    if epochs is not None and epochs != cfg.epochs:
+        if cfg.schedule != "constant":
+            raise UnetsegError(f"{run_dir} uses a {cfg.schedule} schedule planned for {cfg.epochs} epochs; "
+                               "it cannot be stretched on resume (start a new run with --epochs)")
+        cfg.epochs = epochs
+        save_yaml({**_read_yaml_dict(run_dir / "config.yaml"), "settings": cfg.to_dict()}, run_dir / "config.yaml")
+    split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+    run = _setup(cfg, run_dir, split)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None and state.get("scheduler") is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    done = state["epoch"]
+    if done >= cfg.epochs:
+        print(f"{run_dir} already finished its {cfg.epochs} epochs")
+    else:
+        print(f"resuming {run_dir} after epoch {done} of {cfg.epochs}", flush=True)
+    return _fit(run, done + 1, list(state["history"]), state["best_miou"])
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=1) + "\n"
+
+
+def _read_yaml_dict(path: Path) -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def _data_facts(run: _Run) -> dict[str, Any]:
+    return {
+        "root": str(Path(run.cfg.data).resolve()) if run.cfg.data else str(run.run_dir / "scenes"),
+        "layout": run.preprocess["layout"], "frame_size": run.preprocess["size"],
+        "n_classes": len(run.classes), "classes": list(run.classes.names),
+        "train_frames": len(run.train_images), "val_frames": len(run.val_images), "groups": run.split.groups,
+    }

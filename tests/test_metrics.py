@@ -1,0 +1,68 @@
+"""Metrics and losses against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unetseg.losses import class_weights, cross_entropy, dice_loss, make_loss
+from unetseg.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
+
+
+def test_confusion_matrix_by_hand() -> None:
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 2]])
+    cm = confusion_matrix(pred, target, 4)
+    # rows: true; columns: predicted
+    assert cm.tolist() == [[1, 1, 0, 0], [0, 2, 1, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
+    assert pixel_accuracy(cm) == pytest.approx(5 / 8)
+    ious = iou_per_class(cm)
+    # IoU = tp / (true + predicted - tp): class 0: 1 / (2 + 2 - 1); class 1: 2 / (3 + 3 - 2); class 2 likewise
+    assert ious[:3].tolist() == pytest.approx([1 / 3, 0.5, 0.5])
+    assert math.isnan(ious[3].item())  # absent from truth and prediction
+    assert mean_iou(cm) == pytest.approx((1 / 3 + 0.5 + 0.5) / 3)
+
+
+def test_mean_iou_counts_only_classes_in_ground_truth() -> None:
+    target = torch.zeros(10, dtype=torch.long)
+    pred = torch.zeros(10, dtype=torch.long)
+    pred[0] = 3  # a class predicted but never true: lowers class 0's IoU, is not averaged itself
+    cm = confusion_matrix(pred, target, 4)
+    assert mean_iou(cm) == pytest.approx(0.9)
+    assert iou_per_class(cm)[3].item() == 0.0
+
+
+def test_confusion_matrix_ignore_index() -> None:
+    cm = confusion_matrix(torch.tensor([1, 1, 0]), torch.tensor([1, 255, 0]), 2, ignore_index=255)
+    assert cm.sum() == 2 and pixel_accuracy(cm) == 1.0
+
+
+def test_cross_entropy_is_the_labs_sparse_categorical_loss() -> None:
+    logits = torch.tensor([[[[2.0]], [[0.0]], [[-1.0]]]])  # (1, 3, 1, 1)
+    target = torch.tensor([[[0]]])
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-1)))
+    assert cross_entropy(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_dice_loss_perfect_and_wrong() -> None:
+    target = torch.tensor([[[0, 1], [1, 1]]])
+    perfect = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() * 50
+    assert dice_loss(perfect, target, eps=0.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(-perfect, target, eps=0.0).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_class_weights_favour_rare_classes_and_zero_absent_ones() -> None:
+    masks = torch.zeros(1, 10, 10, dtype=torch.uint8)
+    masks[0, 0, :4] = 1  # 4 % of pixels
+    w = class_weights(masks, 3)
+    assert w[1] > w[0] > 0 and w[2] == 0
+    assert w[:2].mean().item() == pytest.approx(1.0)
+    assert torch.equal(class_weights(masks, 3, "none"), torch.ones(3))
+
+
+def test_make_loss_combines_terms() -> None:
+    logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    both = make_loss("ce+dice", 3)(logits, target)
+    assert both.item() == pytest.approx((cross_entropy(logits, target) + dice_loss(logits, target)).item())

@@ -1,0 +1,204 @@
+"""Training: config resolution, run files, learning, NaN stop, atomic writes, kill-and-resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_TRAIN
+
+from unetseg.checkpoint import load_checkpoint, save_checkpoint
+from unetseg.config import resolve_config
+from unetseg.data import load_dataset
+from unetseg.errors import UnetsegError
+from unetseg.model import build_model
+from unetseg.train import forward_full, resume, train
+
+
+def _history(run: Path) -> list[dict[str, str]]:
+    with open(run / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------ config (fast)
+
+
+def test_lab_recipe_is_the_lab() -> None:
+    cfg = resolve_config(recipe="lab")
+    assert (cfg.size, cfg.resize_mode, cfg.optimizer, cfg.lr, cfg.loss, cfg.batch_size, cfg.epochs) == (
+        [96, 128], "lab", "adam", 1e-3, "ce", 32, 40
+    )
+    assert not cfg.augment and cfg.crop is None and cfg.schedule == "constant" and cfg.class_weighting == "none"
+
+
+def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("recipe: lab\nepochs: 7\nlr: 0.01\n")
+    cfg = resolve_config(config_file=f, overrides={"lr": 0.5, "epochs": None})
+    assert (cfg.recipe, cfg.epochs, cfg.lr, cfg.batch_size) == ("lab", 7, 0.5, 32)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"epochs": 0}, "--epochs 0"), ({"lr": -1.0}, "--lr"), ({"wings": 3}, "unknown setting"),
+     ({"recipe": "fast"}, "unknown recipe"), ({"val_fraction": 1.0}, "--val-fraction")],
+)
+def test_bad_settings_are_named(overrides: dict, message: str) -> None:
+    with pytest.raises(UnetsegError, match=message):
+        resolve_config(overrides=overrides)
+
+
+def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("epochs: [1,\n")
+    with pytest.raises(UnetsegError, match="bad.yaml: not valid YAML"):
+        resolve_config(config_file=f)
+
+
+def test_forward_full_handles_any_size() -> None:
+    torch.manual_seed(0)
+    lab = build_model("lab", base_filters=4, depth=2, n_classes=3).eval()
+    assert forward_full(lab, torch.rand(1, 3, 30, 45)).shape == (1, 3, 30, 45)
+    x = torch.rand(1, 3, 32, 48)
+    assert torch.allclose(forward_full(lab, x), lab(x))  # valid sizes are untouched
+    paper = build_model("paper", base_filters=4, depth=2, n_classes=3, in_channels=3).eval()
+    assert forward_full(paper, torch.rand(1, 3, 30, 45)).shape == (1, 3, 30, 45)
+
+
+# ----------------------------------------------------------------------------------------- training (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["lab", "paper"])
+def test_short_training_learns_and_writes_run_files(scenes: Path, tmp_path: Path, arch: str) -> None:
+    size = [32, 48] if arch == "lab" else [60, 92]  # paper: outputs 20x52 after its unpadded convs
+    out = tmp_path / "run"
+    epochs = 6 if arch == "lab" else 20  # the unpadded net (no batch norm) starts slower
+    summary = train(
+        **{**TINY_TRAIN, "data": str(scenes), "out": str(out), "arch": arch, "size": size, "epochs": epochs,
+           "lr": 3e-3, "dropout": 0.0}
+    )
+    for name in ("config.yaml", "split.json", "history.csv", "curves.png", "last.pt", "best.pt"):
+        assert (out / name).is_file(), name
+    rows = _history(out)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    assert list(rows[0])[:7] == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_miou",
+                                 "seconds"]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < 0.7 * losses[0]
+    # Beat chance: the best constant guess (every pixel the majority class) scores that class's share
+    # divided by the number of classes present in the validation masks.
+    split = json.loads((out / "split.json").read_text())
+    data = load_dataset(scenes, size=tuple(size), resize_mode="lab", progress=False)
+    val_masks = data.subset(split["val_idx"]).masks
+    counts = torch.bincount(val_masks.reshape(-1).long(), minlength=23)
+    chance = (counts.max() / counts.sum()).item() / int((counts > 0).sum())
+    assert summary["best_miou"] > 1.5 * chance
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["settings"]["arch"] == arch and cfg["environment"]["threads"] == 1
+    assert "torch" in cfg["environment"] and cfg["data"]["val_frames"] > 0
+    state = torch.load(out / "best.pt", weights_only=True)
+    assert state["model_config"]["arch"] == arch and len(state["classes"]["names"]) == 23
+    assert state["preprocess"]["size"] == size
+
+
+@pytest.mark.slow
+def test_refuses_to_overwrite_a_run(scenes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(**{**TINY_TRAIN, "data": str(scenes), "out": str(out), "epochs": 1})
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(UnetsegError, match="already holds a training run"):
+        train(**{**TINY_TRAIN, "data": str(scenes), "out": str(out), "epochs": 1})
+    assert (out / "last.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(scenes: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    train(**{**TINY_TRAIN, "data": str(scenes), "out": str(out), "epochs": 1})
+    good = load_checkpoint(out / "last.pt")
+    t = sys.modules["unetseg.train"]
+
+    real = t.cross_entropy
+
+    def exploding(logits, target, weight=None):
+        return real(logits, target, weight) * float("nan")
+
+    monkeypatch.setattr(t, "make_loss", lambda name, n, weight=None: exploding)
+    with pytest.raises(UnetsegError, match="loss became nan at epoch 2"):
+        resume(out, epochs=3)
+    after = load_checkpoint(out / "last.pt")
+    assert after["epoch"] == 1
+    assert all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "model": {}, "model_config": {}}, path)
+    original = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"epoch": 2, "model": {}, "model_config": {}}, path)
+    assert path.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_corrupt_checkpoint_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UnetsegError, match="best.pt: not a readable unetseg checkpoint"):
+        load_checkpoint(bad)
+
+
+def _train_cmd(data: Path, out: Path, cfg: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "unetseg", "train", "--data", str(data), "--out", str(out), "--config", str(cfg),
+            "--epochs", str(epochs), "--deterministic", "--threads", "1", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_weights(scenes: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    # Augmentation and dropout on: resuming must restore both their random streams.
+    cfg.write_text(yaml.safe_dump({
+        "recipe": "default", "base_filters": 8, "depth": 2, "size": [48, 64], "crop": [32, 48],
+        "batch_size": 4, "precision": "fp32", "dropout": 0.3, "lr": 0.002,
+    }))
+    epochs = 8
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(scenes, straight, cfg, epochs), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(scenes, killed, cfg, epochs), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "history.csv").exists() and len(_history(killed)) >= 2:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done = load_checkpoint(killed / "last.pt")["epoch"]
+    assert 2 <= done < epochs, "the kill must land mid-run"
+
+    subprocess.run([sys.executable, "-m", "unetseg", "train", "--resume", str(killed)], check=True,
+                   capture_output=True)
+    a = load_checkpoint(straight / "last.pt")
+    b = load_checkpoint(killed / "last.pt")
+    assert a["epoch"] == b["epoch"] == epochs
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    assert len(_history(killed)) == epochs
