@@ -202,3 +202,15 @@ def test_kill_and_resume_gives_identical_weights(scenes: Path, tmp_path: Path) -
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
     assert len(_history(killed)) == epochs
+
+
+@pytest.mark.slow
+def test_quickstart_trains_evaluates_and_predicts(scenes: Path, tmp_path: Path) -> None:
+    from unetseg.quickstart import quickstart
+
+    out = tmp_path / "qs"
+    settings = {k: v for k, v in TINY_TRAIN.items() if k not in ("recipe", "epochs")}
+    metrics = quickstart(data=scenes, out=out, recipe="lab", epochs=1, show=3, **settings)
+    assert 0 <= metrics["mean_iou"] <= 1 and metrics["split"] == "val"
+    assert (out / "evaluation" / "confusion.png").is_file()
+    assert len(list((out / "predictions" / "triplet").glob("*.png"))) == 3

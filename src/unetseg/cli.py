@@ -3,6 +3,7 @@
 User mistakes (``UnetsegError``) print ``error: <message>`` and exit with status 2; ``--debug`` shows the
 traceback. Examples::
 
+    unetseg quickstart                               # train, evaluate, predict on generated scenes
     unetseg summary                                  # the lab model's Keras-style table
     unetseg summary --arch paper --input-size 572 572 1
     unetseg data synth --out scenes --count 200 --seed 0
@@ -106,6 +107,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import quickstart
+
+    quickstart(data=args.data, out=args.out, recipe=args.recipe, epochs=args.epochs)
+    return 0
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     from .bench import main_from_args
 
@@ -167,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after the epoch that passes it")
     t.add_argument("--no-progress", action="store_true", default=None)
     t.set_defaults(func=_cmd_train)
+
+    q = sub.add_parser("quickstart", help="train, evaluate on held-out frames and write predictions, in one go")
+    q.add_argument("--data", help="dataset folder (default: generate driving scenes)")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--recipe", choices=("lab", "default"), default="default")
+    q.add_argument("--epochs", type=int, help="default: the recipe's, or 10 on generated scenes")
+    q.set_defaults(func=_cmd_quickstart)
 
     e = sub.add_parser("evaluate", help="score a checkpoint on a labelled folder")
     e.add_argument("--checkpoint", required=True)

@@ -57,6 +57,9 @@ class Predictor:
         self.model.load_state_dict(state["model"])
         self.model.to(self.device, memory_format=memory_format(self.device)).eval()
         self.classes = ClassTable.from_dict(state["classes"])
+        if len(self.classes) != self.model.config["n_classes"]:
+            raise UnetsegError(f"checkpoint names {len(self.classes)} classes but its model outputs "
+                               f"{self.model.config['n_classes']}: the file is inconsistent")
         self.preprocess = dict(state.get("preprocess") or {})
         self.state = state
         self.batch_size = batch_size

@@ -1,0 +1,133 @@
+"""evaluate and predict from a checkpoint alone: hand-computed metrics, output files, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unetseg.checkpoint import save_checkpoint
+from unetseg.classes import CARLA, generic_classes
+from unetseg.cli import main
+from unetseg.errors import UnetsegError
+from unetseg.evaluate import evaluate
+from unetseg.model import build_model
+from unetseg.predict import Predictor, expand_inputs, predict
+
+
+def constant_checkpoint(path: Path, cls: int, n_classes: int = 23, size: list[int] | None = None) -> Path:
+    """A checkpoint whose model predicts class ``cls`` everywhere: conv10 weights 0, bias one-hot."""
+    model = build_model("lab", base_filters=4, depth=2, n_classes=n_classes)
+    with torch.no_grad():
+        model.conv10.weight.zero_()
+        model.conv10.bias.zero_()
+        model.conv10.bias[cls] = 5.0
+    save_checkpoint({
+        "model": model.state_dict(), "model_config": model.config,
+        "classes": (CARLA if n_classes == 23 else generic_classes(n_classes)).to_dict(),
+        "preprocess": {"size": size, "resize_mode": "default", "scale": 1 / 255, "layout": "carla"},
+        "epoch": 1, "val_names": ["b"],
+    }, path)
+    return path
+
+
+def write_carla(root: Path, masks: dict[str, np.ndarray]) -> Path:
+    (root / "CameraRGB").mkdir(parents=True)
+    (root / "CameraMask").mkdir()
+    rng = np.random.default_rng(0)
+    for name, m in masks.items():
+        h, w = m.shape
+        Image.fromarray(rng.integers(0, 255, (h, w, 4), dtype=np.uint8)).save(root / "CameraRGB" / f"{name}.png")
+        rgba = np.zeros((h, w, 4), np.uint8)
+        rgba[..., 0], rgba[..., 3] = m, 255
+        Image.fromarray(rgba).save(root / "CameraMask" / f"{name}.png")
+    return root
+
+
+@pytest.fixture
+def labelled(tmp_path: Path) -> Path:
+    a = np.full((30, 40), 7, np.uint8)
+    a[:10] = 13  # 400 sky, 800 road
+    b = np.full((30, 40), 7, np.uint8)
+    b[:, :10] = 1  # 300 building, 900 road
+    return write_carla(tmp_path / "data", {"a": a, "b": b})
+
+
+def test_evaluate_matches_hand_computed_confusion_matrix(labelled: Path, tmp_path: Path) -> None:
+    ckpt = constant_checkpoint(tmp_path / "c.pt", cls=7, size=[32, 48])
+    r = evaluate(ckpt, labelled, out_dir=tmp_path / "eval", progress=False)
+    cm = np.zeros((23, 23), int)
+    cm[7, 7], cm[13, 7], cm[1, 7] = 1700, 400, 300  # every pixel predicted Road
+    assert r["confusion_matrix"] == cm.tolist()
+    assert r["pixel_accuracy"] == pytest.approx(1700 / 2400)
+    assert r["per_class_iou"]["Road"] == pytest.approx(1700 / 2400)
+    assert r["per_class_iou"]["Sky"] == 0.0 and r["per_class_iou"]["Building"] == 0.0
+    assert r["per_class_iou"]["Water"] is None
+    assert r["mean_iou"] == pytest.approx(1700 / 2400 / 3)
+    assert sorted(r["classes_present"]) == ["Building", "Road", "Sky"]
+    assert r["frames"] == 2 and r["pixels"] == 2400  # the labels' own 30x40 resolution, not 32x48
+    assert (tmp_path / "eval" / "confusion.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mean_iou"] == pytest.approx(r["mean_iou"])
+
+
+def test_evaluate_split_val_uses_the_runs_held_out_frames(labelled: Path, tmp_path: Path) -> None:
+    ckpt = constant_checkpoint(tmp_path / "c.pt", cls=7)
+    r = evaluate(ckpt, labelled, split="val", progress=False)
+    assert r["frames"] == 1 and r["pixels"] == 1200 and r["pixel_accuracy"] == pytest.approx(0.75)
+
+
+def test_evaluate_cli_json(labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = constant_checkpoint(tmp_path / "c.pt", cls=7)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(labelled), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"pixel_accuracy", "mean_iou", "per_class_iou"} <= set(out)
+
+
+def test_evaluate_names_a_mask_outside_the_classes(tmp_path: Path) -> None:
+    bad = np.full((16, 16), 7, np.uint8)
+    bad[0, 0] = 5
+    root = write_carla(tmp_path / "d", {"x": bad})
+    ckpt = constant_checkpoint(tmp_path / "c.pt", cls=0, n_classes=5)
+    with pytest.raises(UnetsegError, match=r"x\.png"):
+        evaluate(ckpt, root, progress=False)
+
+
+def test_predict_writes_outputs_at_the_inputs_own_size(labelled: Path, tmp_path: Path) -> None:
+    ckpt = constant_checkpoint(tmp_path / "c.pt", cls=13, size=[32, 48])
+    odd = tmp_path / "odd.jpg"
+    Image.fromarray(np.zeros((37, 53, 3), np.uint8)).save(odd)
+    out = tmp_path / "pred"
+    written = predict(ckpt, [str(labelled / "CameraRGB"), str(odd)], out, progress=False)
+    assert [p.name for p in written] == ["a.png", "b.png", "odd.png"]
+    m = Image.open(out / "masks" / "odd.png")
+    assert m.mode == "L" and m.size == (53, 37)
+    assert np.unique(np.asarray(m)).tolist() == [13]
+    assert Image.open(out / "color" / "a.png").size == (40, 30)
+    assert Image.open(out / "overlay" / "a.png").mode == "RGB"
+    # a true mask sits beside the CARLA frames: the lab's triplet figure; none for the loose JPEG
+    assert (out / "triplet" / "a.png").is_file() and not (out / "triplet" / "odd.png").exists()
+
+
+def test_predict_bad_inputs_are_named(tmp_path: Path) -> None:
+    with pytest.raises(UnetsegError, match="nothing.png: no such file"):
+        expand_inputs([str(tmp_path / "nothing.png")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnetsegError, match="empty: no images found"):
+        expand_inputs([str(tmp_path / "empty")])
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / d / "same.png")
+    with pytest.raises(UnetsegError, match="share the name 'same'"):
+        expand_inputs([str(tmp_path / "x"), str(tmp_path / "y")])
+
+
+def test_predictor_batches_mixed_sizes_in_order(tmp_path: Path) -> None:
+    p = Predictor(constant_checkpoint(tmp_path / "c.pt", cls=9), batch_size=2)
+    images = [np.zeros((h, 20, 3), np.uint8) for h in (16, 16, 16, 24, 16)]
+    masks = p.predict(images)
+    assert [m.shape for m in masks] == [(16, 20)] * 3 + [(24, 20), (16, 20)]
+    assert all((m == 9).all() for m in masks)
