@@ -127,3 +127,20 @@ def test_augment_reproducible_and_jitter_in_range():
     assert big[0].shape == (2, 3, 24, 40)  # crop larger than the image: scaled up so it fits
     with pytest.raises(UnetsegError, match="masks"):
         augment_batch(x, m[:, :8], crop_size=(8, 8))
+
+
+def test_rare_class_centers_aim_crops_at_rare_pixels() -> None:
+    from unetseg.data import augment_batch, rare_class_centers
+
+    masks = torch.zeros(8, 40, 60, dtype=torch.long)
+    masks[:, 30, 50] = 5  # one rare pixel far from the centre of each frame
+    counts = torch.bincount(masks.reshape(-1), minlength=6)
+    g = torch.Generator().manual_seed(0)
+    centers = rare_class_centers(masks, counts, probability=1.0, generator=g)
+    assert torch.allclose(centers, torch.tensor([[30.5, 50.5]] * 8, dtype=torch.float64))
+    images = torch.rand(8, 3, 40, 60)
+    _, out = augment_batch(images, masks, crop_size=(16, 16), scale_range=(1.0, 1.0), hflip=True,
+                           color_jitter=0.0, generator=g, centers=centers)
+    assert (out == 5).any(dim=(1, 2)).all()  # every crop holds the rare pixel, flipped or not
+    none = rare_class_centers(masks, counts, probability=0.0, generator=g)
+    assert torch.isnan(none).all()

@@ -158,6 +158,7 @@ class _Run:
     loss_fn: LossFn
     steps_per_epoch: int
     preprocess: dict[str, Any]
+    class_pixels: torch.Tensor  # (C,) training-set pixel count per class
 
 
 def _check_sizes(cfg: TrainConfig, frame_size: tuple[int, int]) -> None:
@@ -240,6 +241,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
     steps = math.ceil(len(split.train) / cfg.batch_size)
     scheduler = _make_scheduler(cfg, optimizer, steps * cfg.epochs)
     train_masks = data.masks.index_select(0, tr)
+    class_pixels = torch.bincount(train_masks.reshape(-1).long(), minlength=n_classes)[:n_classes]
     weights = class_weights(train_masks, n_classes, cfg.class_weighting).to(device)
     loss_fn = make_loss(cfg.loss, n_classes, None if cfg.class_weighting == "none" else weights)
     preprocess = {
@@ -250,7 +252,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
         train_images=data.images.index_select(0, tr), train_masks=train_masks,
         val_images=data.images.index_select(0, va), val_masks=data.masks.index_select(0, va), split=split,
         model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, steps_per_epoch=steps,
-        preprocess=preprocess,
+        preprocess=preprocess, class_pixels=class_pixels,
     )
 
 
@@ -260,7 +262,7 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    from .data import augment_batch
+    from .data import augment_batch, rare_class_centers
 
     cfg = run.cfg
     g = _epoch_generator(cfg.seed, epoch)
@@ -271,10 +273,13 @@ def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
         x = run.train_images[idx].float().div_(255)
         y = run.train_masks[idx].long()
         if cfg.augment or cfg.crop:
+            centers = None
+            if cfg.crop and cfg.rare_crops > 0:
+                centers = rare_class_centers(y, run.class_pixels, cfg.rare_crops, generator=g)
             x, y = augment_batch(
                 x, y, crop_size=tuple(cfg.crop) if cfg.crop else None,
                 scale_range=tuple(cfg.scale_range) if cfg.augment else None, hflip=cfg.augment,
-                color_jitter=cfg.color_jitter if cfg.augment else 0.0, generator=g,
+                color_jitter=cfg.color_jitter if cfg.augment else 0.0, generator=g, centers=centers,
             )
         yield x.to(run.device).contiguous(memory_format=fmt), y.to(run.device)
 

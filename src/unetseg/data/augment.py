@@ -55,8 +55,8 @@ def jitter_colors(images: torch.Tensor, strength: float,
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, *, crop_size: tuple[int, int] | None = None,
                   scale_range: tuple[float, float] = (0.75, 1.25), hflip: bool = True,
-                  color_jitter: float = 0.2,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  color_jitter: float = 0.2, generator: torch.Generator | None = None,
+                  centers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a batch.
 
     ``images``: ``(B, 3, H, W)`` float32 in [0, 1]; ``masks``: ``(B, H, W)`` int64 class ids.
@@ -64,7 +64,8 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, *, crop_size: tuple
     or ``(H, W)`` when ``crop_size`` is ``None`` (then scales below 1 cannot fit and are raised to 1).
     ``scale_range=None`` or ``(1, 1)`` with ``crop_size=None`` skips resampling; ``color_jitter=0`` skips
     colour changes. All randomness comes from ``generator`` (a CPU ``torch.Generator``), so a seeded
-    generator reproduces the batch.
+    generator reproduces the batch. ``centers`` ``(B, 2)`` (y, x in input pixels; NaN rows: random) centres
+    the crop on a point where it fits, e.g. from :func:`rare_class_centers`.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise UnetsegError(f"augment_batch: images must be (B, 3, H, W), got {tuple(images.shape)}")
@@ -94,6 +95,15 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, *, crop_size: tuple
         # Crop offsets in scaled-image pixels.
         left = torch.rand(b, generator=generator).to(dev, torch.float64) * (w_in * s - w_out).clamp(min=0)
         top = torch.rand(b, generator=generator).to(dev, torch.float64) * (h_in * s - h_out).clamp(min=0)
+        if centers is not None:
+            c = centers.to(dev, torch.float64)
+            aim = ~torch.isnan(c[:, 0])
+            # A flipped sample takes its crop at the mirrored offset (see theta below): aim there.
+            cx_in = torch.where(flip, w_in - c[:, 1], c[:, 1])
+            left = torch.where(aim, (cx_in * s - w_out / 2).clamp(min=0).minimum((w_in * s - w_out).clamp(min=0)),
+                               left)
+            top = torch.where(aim, (c[:, 0] * s - h_out / 2).clamp(min=0).minimum((h_in * s - h_out).clamp(min=0)),
+                              top)
         # Output pixel centre (j + 0.5) maps to input x = (left + j + 0.5) / s; in grid_sample's normalised
         # coordinates (align_corners=False): x_n = a * u + c with u the output's normalised coordinate.
         ax = w_out / (w_in * s)
@@ -117,3 +127,27 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, *, crop_size: tuple
         masks = torch.where(flip.view(b, 1, 1), masks.flip(-1), masks).long()
     images = jitter_colors(images, float(color_jitter), generator)
     return images.clamp(0.0, 1.0), masks
+
+
+def rare_class_centers(masks: torch.Tensor, class_pixels: torch.Tensor, probability: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop centres that favour rare classes: ``(B, 2)`` float (y, x) in pixels, NaN rows for random crops.
+
+    With ``probability`` per sample, a class present in that mask is drawn with weight
+    ``1 / class_pixels[c]`` (its pixel count over the training set) and the crop is centred on one of its
+    pixels, so poles, signs and pedestrians appear in crops far more often than their pixel share; the
+    other samples keep uniform random crops. ``masks``: ``(B, H, W)`` int64.
+    """
+    b = masks.shape[0]
+    centers = torch.full((b, 2), float("nan"), dtype=torch.float64)
+    draws = torch.rand(b, generator=generator)
+    inverse = 1.0 / class_pixels.double().clamp(min=1)
+    for i in range(b):
+        if draws[i] >= probability:
+            continue
+        present = torch.unique(masks[i])
+        c = present[torch.multinomial(inverse[present], 1, generator=generator)]
+        ys, xs = torch.nonzero(masks[i] == c, as_tuple=True)
+        k = int(torch.randint(len(ys), (1,), generator=generator))
+        centers[i, 0], centers[i, 1] = ys[k] + 0.5, xs[k] + 0.5
+    return centers
