@@ -85,7 +85,10 @@ def _lab_keras_model(input_size: tuple[int, int, int], n_filters: int = 32, n_cl
     return unet_model(input_size, n_filters, n_classes)
 
 
-def worker(policy: str, batch: int, height: int, width: int, n_filters: int, n_classes: int, seed: int) -> None:
+def worker(
+    policy: str, batch: int, height: int, width: int, n_filters: int, n_classes: int, seed: int,
+    threads: int | None = None, clock: str = "wall",
+) -> None:
     """Serve timing requests on stdin/stdout, one JSON object per line: ``{"cmd": ...}`` → ``{"s": seconds}``.
 
     Commands: ``train`` (one ``train_on_batch``), ``infer`` (logits for the batch), ``latency`` (one
@@ -97,6 +100,11 @@ def worker(policy: str, batch: int, height: int, width: int, n_filters: int, n_c
 
     out = sys.stdout
     sys.stdout = sys.stderr  # Keras prints progress; keep the protocol channel clean
+    if threads:
+        # As --threads does for torch: that many threads for an op, and ops one at a time.
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    now = time.process_time if clock == "cpu" else time.perf_counter
     if policy != "float32":
         tf.keras.mixed_precision.set_global_policy(policy)
     tf.keras.utils.set_random_seed(seed)
@@ -114,9 +122,9 @@ def worker(policy: str, batch: int, height: int, width: int, n_filters: int, n_c
     forward = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
 
     def timed(fn: Any) -> float:
-        t = time.perf_counter()
+        t = now()
         fn()
-        return time.perf_counter() - t
+        return now() - t
 
     info = {"tensorflow": tf.__version__, "keras": tf.keras.__version__ if hasattr(tf.keras, "__version__") else "",
             "policy": policy, "params": int(model.count_params()),
@@ -161,10 +169,12 @@ class KerasWorker:
     """A worker process for one Keras dtype policy, driven over a pipe."""
 
     def __init__(self, python: str, policy: str, batch: int, size: tuple[int, int], n_filters: int,
-                 n_classes: int, seed: int = 0) -> None:
+                 n_classes: int, seed: int = 0, threads: int | None = None, clock: str = "wall") -> None:
         cmd = [python, os.path.abspath(__file__), "--worker", policy, "--batch-size", str(batch),
                "--size", str(size[0]), str(size[1]), "--filters", str(n_filters), "--classes", str(n_classes),
-               "--seed", str(seed)]
+               "--seed", str(seed), "--clock", clock]
+        if threads:
+            cmd += ["--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         hello = self._read()
         if not hello.get("ready"):
@@ -245,6 +255,7 @@ def _keras_subject(worker: KerasWorker, name: str, desc: str, precision: str, pa
         infer=(lambda: worker.call("infer")) if "infer" in parts else None,
         latency=(lambda: worker.call("latency")) if "latency" in parts else None,
         info=dict(worker.info),
+        external=True,
     )
 
 
@@ -282,15 +293,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=23)
     p.add_argument("--repeats", type=int)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="threads for torch, ONNX Runtime and TensorFlow (intra-op)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="see unetseg benchmark --help")
     p.add_argument("--check-weights", action="store_true", help="copy Keras weights into unetseg and compare")
     p.add_argument("--json", help="write all figures as JSON")
     args = p.parse_args(argv)
 
     if args.worker:
-        worker(args.worker, args.batch_size, args.size[0], args.size[1], args.filters, args.classes, args.seed)
+        worker(args.worker, args.batch_size, args.size[0], args.size[1], args.filters, args.classes, args.seed,
+               args.threads, args.clock)
         return 0
 
+    # As `unetseg benchmark` does (see its _cmd_benchmark): OpenMP reads this once, when torch loads it.
+    if "torch" not in sys.modules and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from unetseg.bench import format_report, run_benchmark
 
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
@@ -303,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in [s.strip() for s in args.keras.split(",") if s.strip()]:
             policy, name = policies[key]
             t = time.perf_counter()
-            w = KerasWorker(args.keras_python, policy, args.batch_size, size, args.filters, args.classes)
+            w = KerasWorker(args.keras_python, policy, args.batch_size, size, args.filters, args.classes,
+                            threads=args.threads, clock=args.clock)
             print(f"started Keras worker {name} ({policy}) in {time.perf_counter() - t:.1f} s: {w.info}")
             workers.append((name, w))
             desc = f"the lab's Keras code, TF {w.info['tensorflow']}, policy {policy}"
@@ -316,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             modes=[m.strip() for m in args.modes.split(",") if m.strip()],
             batch_size=args.batch_size, size=size, repeats=args.repeats, quick=args.quick,
             threads=args.threads, model_options=dict(base_filters=args.filters, n_classes=args.classes),
-            parts=sorted(parts), extra_subjects=subjects,
+            parts=sorted(parts), extra_subjects=subjects, clock=args.clock,
         )
     finally:
         for _, w in workers:

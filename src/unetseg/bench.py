@@ -21,10 +21,16 @@ Modes (``--modes`` takes a comma-separated subset; ``auto`` and ``fp32`` are alw
                train`` prepares it, and ``runtime.prepare_model_for_inference`` as predict/evaluate do
 =============  =======================================================================================
 
+Process-wide settings the toolkit's commands use are applied to every mode alike and recorded in
+``settings``: ``runtime.retain_freed_memory()`` (glibc keeps freed activations instead of page-faulting
+fresh ones each step; ``UNETSEG_MALLOC=default`` turns it off) and, set by ``unetseg benchmark`` before
+torch loads, ``OMP_WAIT_POLICY=PASSIVE`` when the machine is already busy.
+
 GFLOP counts are the convolutions' multiply-adds x 2 (5.02 GFLOP per 96x128 image forward for the lab
-model; a training step counts 3x the forward). Peak RSS is the process's resident-set high-water mark
-during each mode's training steps (reset before them through ``/proc/self/clear_refs``), and its rise over
-the RSS just before.
+model; a training step counts 3x the forward). ``peak_rss_mib`` is the peak RSS of a fresh child process
+training on the auto path (``train_peak_rss``); the per-mode ``peak_rss_mib`` in the table is this
+process's high-water mark during that mode's steps (reset before them through ``/proc/self/clear_refs``),
+which includes every other mode's models and the retained heap, so only its rise says anything.
 
 Example:
     $ unetseg benchmark --json bench.json
@@ -68,6 +74,7 @@ from .runtime import (
     pick_device,
     resolve_compile,
     resolve_precision,
+    retain_freed_memory,
     set_threads,
 )
 
@@ -130,10 +137,10 @@ def matmul_gflops(dtype: torch.dtype, n: int, device: torch.device) -> Callable[
 
     def run() -> float:
         _sync(device)
-        t = time.perf_counter()
+        t = _clock()
         torch.mm(a, b)
         _sync(device)
-        return time.perf_counter() - t
+        return _clock() - t
 
     return run
 
@@ -169,6 +176,69 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _rss_probe(
+    model_options: dict[str, Any], batch: int, size: tuple[int, int], precision: str, steps: int,
+    threads: int | None, queue: Any,
+) -> None:
+    """Child process body for ``train_peak_rss``: a fresh interpreter running only the auto training path."""
+    try:
+        set_threads(threads)
+        dev = torch.device("cpu")
+        retain_freed_memory()
+        opts = dict(model_options)
+        model = build_model(opts.pop("arch", "lab"), **opts).to(memory_format=torch.channels_last).train()
+        opt = _make_optimizer(model, dev)
+        step_fn, _ = _train_step_fn()
+        cin = int(model.config["in_channels"])
+        images = torch.rand(batch, cin, *size).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out_hw = model.eval()(images[:1]).shape[-2:]
+        model.train()
+        masks = torch.randint(0, int(model.config["n_classes"]), (batch, *out_hw))
+        before, _ = _rss_mib()
+        for _ in range(steps):
+            step_fn(model, opt, images, masks, resolve_precision(precision, dev), dev)
+        _, hwm = _rss_mib()
+        queue.put({"peak_rss_mib": hwm, "rss_before_training_mib": before, "steps": steps})
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which carries on without the figure
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def train_peak_rss(
+    model_options: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    size: tuple[int, int] = (96, 128),
+    precision: str = "auto",
+    steps: int = 3,
+    threads: int | None = None,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Peak RSS (MiB) of a fresh process that trains on the CPU's auto path for ``steps`` steps.
+
+    Measured in a child process (``spawn``) because in the benchmark's own process the other modes'
+    models and the retained heap (``retain_freed_memory``) make any high-water mark meaningless. Returns
+    ``peak_rss_mib`` (the whole process: interpreter, torch, model, Adam state, activations and
+    gradients at ``batch_size``) and ``rss_before_training_mib`` (after building model and optimizer).
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(
+        target=_rss_probe,
+        args=(model_options or {}, batch_size, tuple(size), precision, steps, threads, queue),
+    )
+    proc.start()
+    try:
+        result = queue.get(timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - queue.Empty on timeout, or a dead child
+        result = {"error": f"no result from the RSS probe: {type(e).__name__}"}
+    proc.join(timeout=30)
+    if proc.is_alive():
+        proc.kill()
+    return result
+
+
 # ------------------------------------------------------------------------------------------------ subjects
 @dataclass
 class Subject:
@@ -177,7 +247,8 @@ class Subject:
     ``train``: one training step on ``batch`` images; ``infer``: logits for ``batch`` images;
     ``latency``: logits for one image. Any may be ``None`` (not applicable). ``precision`` (``fp32`` |
     ``bf16`` | ``int8``) picks the matmul peak its GFLOP/s are compared with. ``info`` is copied to the
-    report (compile seconds, decisions, ...). External subjects (the Keras script) time themselves.
+    report (compile seconds, decisions, ...). ``external`` subjects (the Keras script's workers) run in
+    another process and time themselves, so this process's RSS says nothing about them.
     """
 
     name: str
@@ -187,15 +258,23 @@ class Subject:
     infer: Callable[[], float] | None = None
     latency: Callable[[], float] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    external: bool = False
+
+
+#: ``--clock``: wall time, or this process's CPU time (all its threads). CPU time ignores the time the
+#: process waits while other processes hold the cores, so on a busy shared machine ``--threads 1
+#: --clock cpu`` still measures how much work each path needs; it is meaningless for GPU work.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock: Callable[[], float] = time.perf_counter
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> Callable[[], float]:
     def run() -> float:
         _sync(device)
-        t = time.perf_counter()
+        t = _clock()
         fn()
         _sync(device)
-        return time.perf_counter() - t
+        return _clock() - t
 
     return run
 
@@ -244,14 +323,14 @@ def auto_decisions(
     compile: str = "auto",
     train_images: int = LAB_TRAIN_IMAGES,
     infer_images: int = LAB_INFER_IMAGES,
-    eager_train_images_per_s: float = 30.0,
-    eager_infer_images_per_s: float = 60.0,
+    eager_train_images_per_s: float = 19.0,
+    eager_infer_images_per_s: float = 75.0,
 ) -> dict[str, Any]:
     """What the toolkit picks by itself for a run of ``train_images`` / ``infer_images`` images.
 
     ``eager_*_images_per_s`` are rough eager rates used only to estimate how long the run would take
-    uncompiled (the lab model on two AVX512-BF16 cores); compile is chosen when it saves at least twice
-    its cost (``runtime.compile_pays_off``).
+    uncompiled (the lab model in bf16 on one AVX512-BF16 core, BENCHMARKS.md); compile is chosen when it
+    saves at least twice its cost (``runtime.compile_pays_off``).
     """
     resolved = resolve_precision(precision, device)
     ok, why = compile_available(device)
@@ -392,6 +471,8 @@ def run_benchmark(
     train_images: int = LAB_TRAIN_IMAGES,
     infer_images: int = LAB_INFER_IMAGES,
     extra_subjects: Sequence[Subject] = (),
+    clock: str = "wall",
+    measure_rss: bool = True,
     seed: int = 0,
     verbose: bool = True,
 ) -> dict[str, Any]:
@@ -411,10 +492,13 @@ def run_benchmark(
         train_images, infer_images: run lengths the ``auto`` compile decision assumes.
         extra_subjects: more paths to time in the same rounds (``benchmarks/keras_vs_unetseg.py`` adds
             the Keras model this way).
+        clock: ``wall`` or ``cpu`` (see ``CLOCKS``).
+        measure_rss: also run ``train_peak_rss`` (a child process, after the timing) for ``peak_rss_mib``.
 
-    Returns a dict: ``train_images_per_s``, ``infer_images_per_s``, ``latency_ms``, ``peak_rss_mib`` of
-    the ``auto`` mode; ``infer_int8_images_per_s`` / ``latency_int8_ms`` where int8 ran; ``modes`` (one
-    dict of figures per mode, in img/s, ms, GFLOP/s, % of peak, MiB); ``peaks`` (matmul GFLOP/s);
+    Returns a dict: ``train_images_per_s``, ``infer_images_per_s``, ``latency_ms`` of the ``auto`` mode;
+    ``peak_rss_mib``: peak RSS of a fresh process training on the auto path (``train_peak_rss``);
+    ``infer_int8_images_per_s`` / ``latency_int8_ms`` where int8 ran; ``modes`` (one dict of figures per
+    mode, in img/s, ms, GFLOP/s, % of peak, MiB); ``peaks`` (matmul GFLOP/s);
     ``gflop_per_image``; ``auto``; ``settings``; ``environment``.
     """
     modes = list(modes or DEFAULT_MODES)
@@ -430,9 +514,16 @@ def run_benchmark(
     if repeats < 1:
         raise UnetsegError(f"--repeats {repeats} must be at least 1")
     warmup = 1 if quick else 2
+    if clock not in CLOCKS:
+        raise UnetsegError(f"clock {clock!r} is not one of {', '.join(CLOCKS)}")
+    global _clock
+    _clock = CLOCKS[clock]
     latency_calls = latency_calls or (2 if quick else 5)
     n_threads = set_threads(threads)
     dev = pick_device(device)
+    # What unetseg's commands do on a CPU (see runtime.retain_freed_memory); UNETSEG_MALLOC=default turns
+    # it off to measure plain PyTorch. It is process-wide, so every mode gets it alike.
+    malloc_retained = retain_freed_memory() if dev.type == "cpu" else False
     opts = dict(model_options or {})
     model = build_model(opts.pop("arch", "lab"), **opts).eval()
     n_classes = int(model.config["n_classes"])
@@ -450,6 +541,8 @@ def run_benchmark(
         "settings": {
             "batch_size": batch_size, "size": list(size), "repeats": repeats, "warmup": warmup,
             "latency_calls": latency_calls, "quick": quick, "modes": modes, "parts": sorted(parts_set),
+            "clock": clock, "malloc_retained": malloc_retained,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "model": model.config,
         },
         "environment": {**describe(dev, auto["precision"]), "threads": n_threads},
@@ -498,7 +591,7 @@ def run_benchmark(
                         _, hwm = _rss_mib()
                         if record:
                             times[subj.name]["train"].append(sec)
-                            if can_reset and before is not None and hwm is not None:
+                            if can_reset and not subj.external and before is not None and hwm is not None:
                                 r = rss.setdefault(subj.name, {"peak_rss_mib": 0.0, "step_rss_rise_mib": 0.0})
                                 r["peak_rss_mib"] = max(r["peak_rss_mib"], hwm)
                                 r["step_rss_rise_mib"] = max(r["step_rss_rise_mib"], hwm - before)
@@ -527,7 +620,8 @@ def run_benchmark(
             one_round(record=True)
             log(f"round {r + 1}/{repeats}: {time.perf_counter() - t:.1f} s")
 
-    peak_gflops = {k: 2 * n**3 / _median(v) / 1e9 for k, v in peak_times.items() if v}
+    # A peak is a best case: the fastest round, not the median (other modes' figures are medians).
+    peak_gflops = {k: 2 * n**3 / min(v) / 1e9 for k, v in peak_times.items() if v}
     result["peaks"] = {f"matmul_{k}_gflops": round(v, 1) for k, v in peak_gflops.items()}
     result["peaks"]["matmul_n"] = n
     fwd, trn = flops / 1e9, 3 * flops / 1e9
@@ -563,7 +657,7 @@ def run_benchmark(
             if base.get(f"{part}_images_per_s") and row.get(f"{part}_images_per_s"):
                 row[f"{part}_x_fp32"] = round(row[f"{part}_images_per_s"] / base[f"{part}_images_per_s"], 2)
     a = table.get("auto", {})
-    for key in ("train_images_per_s", "infer_images_per_s", "latency_ms", "peak_rss_mib", "step_rss_rise_mib"):
+    for key in ("train_images_per_s", "infer_images_per_s", "latency_ms"):
         if key in a:
             result[key] = a[key]
     q = table.get("onnx_int8", {})
@@ -571,6 +665,11 @@ def run_benchmark(
         result["infer_int8_images_per_s"] = q["infer_images_per_s"]
     if "latency_ms" in q:
         result["latency_int8_ms"] = q["latency_ms"]
+    if measure_rss and "train" in parts_set and dev.type == "cpu":
+        probe = train_peak_rss(dict(model.config), batch_size, size, precision, 2 if quick else 3, threads)
+        result["train_memory"] = probe
+        if "peak_rss_mib" in probe:
+            result["peak_rss_mib"] = round(probe["peak_rss_mib"], 1)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     result["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return result
@@ -590,7 +689,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['gflop_per_image']['forward']:.2f} GFLOP/image forward, {s['repeats']} rounds after "
         f"{s['warmup']} warm-up; threads {result['environment']['threads']}; matmul peak fp32 "
         f"{_fmt(pk.get('matmul_fp32_gflops'), 0)} / bf16 {_fmt(pk.get('matmul_bf16_gflops'), 0)} GFLOP/s",
-        f"load average at start {result.get('load_average_start')}, end {result.get('load_average_end')}",
+        f"clock {s.get('clock', 'wall')}; OMP_WAIT_POLICY {s.get('omp_wait_policy')}; "
+        f"load average at start {result.get('load_average_start')}, "
+        f"end {result.get('load_average_end')}",
         "",
         f"{'mode':<16}{'train img/s':>12}{'GFLOP/s':>9}{'%peak':>7}{'infer img/s':>13}{'GFLOP/s':>9}{'%peak':>7}"
         f"{'latency ms':>12}{'peak RSS MiB':>14}",
@@ -605,6 +706,14 @@ def format_report(result: dict[str, Any]) -> str:
         )
     for name, why in result.get("skipped", {}).items():
         lines.append(f"{name:<16}skipped: {why}")
+    mem = result.get("train_memory")
+    if mem:
+        lines.append("")
+        lines.append(
+            f"training memory (auto path, fresh process, batch {s['batch_size']}): peak RSS "
+            f"{_fmt(mem.get('peak_rss_mib'), 0)} MiB, {_fmt(mem.get('rss_before_training_mib'), 0)} MiB before the "
+            f"first step" if "error" not in mem else f"training memory probe failed: {mem['error']}"
+        )
     a = result["auto"]
     lines += [
         "",
@@ -628,6 +737,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="for the auto mode")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="for the auto mode")
     p.add_argument("--threads", type=int)
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall time, or process CPU time (with --threads 1: robust on a busy machine)")
     p.add_argument("--device", default="auto")
     p.add_argument("--filters", type=int, help="base filters (lab 32): a smaller model for smoke tests")
     p.add_argument("--depth", type=int, help="poolings (lab 4)")
@@ -659,6 +770,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         device=getattr(args, "device", "auto"),
         model_options=model_options,
         parts=parts,
+        clock=getattr(args, "clock", "wall"),
     )
     print(format_report(result))
     if args.json:

@@ -115,6 +115,20 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
+    import os
+
+    # On a machine busy with other processes, torch's spinning OpenMP threads starve the one doing the work:
+    # with 2 threads on 2 busy cores a bf16 batch ran 2x slower and one image 5-15x slower than with
+    # OMP_WAIT_POLICY=PASSIVE (BENCHMARKS.md). OpenMP reads it once, when torch loads, so it can only be set
+    # here if nothing has imported torch yet; otherwise say how to get it. An idle machine keeps the default.
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1)
+    if busy and "OMP_WAIT_POLICY" not in os.environ:
+        if "torch" not in sys.modules:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        elif (args.threads or os.cpu_count() or 1) > 1:
+            print("note: this machine is busy; run as `OMP_WAIT_POLICY=PASSIVE unetseg benchmark ...` (or with "
+                  "--threads 1 --clock cpu) so torch's OpenMP threads are not measured fighting for cores",
+                  file=sys.stderr)
     from .bench import main_from_args
 
     return main_from_args(args)
@@ -206,14 +220,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_predict)
 
     b = sub.add_parser("benchmark", help="training and inference speed of every execution path, side by side")
+    # The same options as unetseg.bench.add_arguments, spelled out so `unetseg --help` needs no torch import.
     b.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    b.add_argument("--quick", action="store_true", help="few repetitions (for a smoke test)")
+    b.add_argument("--quick", action="store_true", help="few repetitions and a small matmul (smoke test)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--size", nargs=2, type=int, default=(96, 128), metavar=("H", "W"))
-    b.add_argument("--repeats", type=int)
-    b.add_argument("--modes", help="comma-separated subset of modes")
-    b.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    b.add_argument("--repeats", type=int, help="timed rounds (default 7; 2 with --quick)")
+    b.add_argument("--modes", help="comma-separated subset of: fp32,fp32_cl,bf16,fp32_compile,bf16_compile,"
+                   "onnx_fp32,onnx_int8,auto (default: all)")
+    b.add_argument("--parts", default="train,infer,latency", help="what to time: train,infer,latency")
+    b.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="for the auto mode")
+    b.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="for the auto mode")
     b.add_argument("--threads", type=int)
+    b.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time, or process CPU time (with --threads 1: robust on a busy machine)")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--filters", type=int, help="base filters (lab 32): a smaller model for smoke tests")
+    b.add_argument("--depth", type=int, help="poolings (lab 4)")
+    b.add_argument("--classes", type=int, help="output classes (lab 23)")
     b.set_defaults(func=_cmd_benchmark)
     return p
 

@@ -8,6 +8,8 @@ Images go in as float32 ``(N, 3, H, W)`` scaled to ``[0, 1]`` (uint8 / 255, as t
   (``ConvTranspose2dSame``) is first rewritten, exactly, as zero-pad + 2x2 conv + pixel shuffle
   (see ``ConvTransposeAsConvShuffle``): ONNX Runtime has no int8 ``ConvTranspose``, so without the
   rewrite the four upsampling layers of an int8 model stay fp32 and take about a third of its time.
+  The shuffle is written as NHWC reshapes/permutes rather than ``DepthToSpace``, so ONNX Runtime's
+  NHWC int8 convs need no layout transposes around it.
 * ``quantize_int8(onnx_path, calibration_images, out_path)`` does static post-training quantization
   (QDQ format, uint8 activations, per-channel int8 weights) calibrated on training frames.
 * ``OnnxPredictor(path, threads=None)`` runs either model with ONNX Runtime: ``predictor(images)``.
@@ -68,9 +70,9 @@ class ConvTransposeAsConvShuffle(nn.Module):
     Output ``o = s*p + r`` (phase ``r``) therefore gathers taps ``k = r + s*m`` from inputs ``i = p - m``,
     ``m = 0..M`` with ``M = ceil(k/s) - 1``: for every phase that is an ordinary ``(M+1)``-wide conv over
     inputs ``p-M..p``, i.e. a conv on the input zero-padded by ``M`` on the top and left. Stacking the
-    ``s*s`` phases as output channels (``c*s*s + r_h*s + r_w``, pixel shuffle's order) gives one conv with
-    ``s*s*C_out`` channels and a pixel shuffle puts each phase at its place. No arithmetic is changed,
-    only the order of the sums, so the result matches to float rounding (~1e-6).
+    ``s*s`` phases as output channels (``(r_h*s + r_w)*C_out + c``) gives one conv with ``s*s*C_out``
+    channels, and a pixel shuffle (as reshapes and permutes) puts each phase at its place. No arithmetic
+    is changed, only the order of the sums, so the result matches to float rounding (~1e-6).
 
     For the lab's 3x3 stride-2 layers this is pad (1, 0, 1, 0) + 2x2 conv to ``4*C_out`` + pixel shuffle:
     every conv of the network is then an ordinary conv, which ONNX Runtime runs in int8.
@@ -109,16 +111,29 @@ class ConvTransposeAsConvShuffle(nn.Module):
                         if tw >= k:
                             continue
                         weight[:, rh, rw, :, a, b] = w[:, :, th, tw].t()
+        # Phase-major output channels, (r_h, r_w, c): in NHWC memory each output row segment (r_w, c) is then
+        # one contiguous run of s*C_out values, so the shuffle below moves blocks, not single values.
+        weight = weight.permute(1, 2, 0, 3, 4, 5)
+        self.out_channels = cout
         self.conv = nn.Conv2d(cin, cout * s * s, kk, bias=source.bias is not None)
         with torch.no_grad():
             self.conv.weight.copy_(weight.reshape(cout * s * s, cin, kk, kk))
             if source.bias is not None:
-                self.conv.bias.copy_(source.bias.detach().repeat_interleave(s * s))
+                self.conv.bias.copy_(source.bias.detach().repeat(s * s))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad:
             x = F.pad(x, (self.pad, 0, self.pad, 0))
-        return F.pixel_shuffle(self.conv(x), self.stride)
+        y = self.conv(x)
+        s, c = self.stride, self.out_channels
+        h, w = y.shape[-2:]
+        # The pixel shuffle written in NHWC terms, not as F.pixel_shuffle (ONNX DepthToSpace): convs run
+        # NHWC in ONNX Runtime's int8 kernels and in oneDNN, so the NCHW<->NHWC permutes here cancel
+        # against the ones around the convs and what is left is one block transpose (N, H, r_h, W, r_w*C).
+        # Exported, DepthToSpace instead cost two full-tensor transposes per upsampling layer.
+        y = y.permute(0, 2, 3, 1).reshape(-1, h, w, s, s * c)
+        y = y.permute(0, 1, 3, 2, 4).reshape(-1, s * h, s * w, c)
+        return y.permute(0, 3, 1, 2)
 
 
 def rewrite_transposed_convs(model: nn.Module) -> nn.Module:
@@ -253,8 +268,9 @@ def quantize_int8(
         out_path: where to write the int8 model.
         method: activation-range calibration, ``minmax`` | ``percentile`` | ``entropy``.
         calibration_batch: frames per calibration run (the model's own batch when it is fixed).
-        keep_head_fp32: leave the final 1x1 logits conv in float (its cost is ~0.3 % of the network's),
-            so logits are not rounded to 256 levels and argmax ties cannot appear.
+        keep_head_fp32: leave the final 1x1 logits conv in float, so logits are not rounded to 256 levels:
+            on the lab model that halved int8's mIoU loss (0.5 instead of 1.0 point) for ~1 % of its speed
+            (BENCHMARKS.md).
 
     Weights are symmetric per output channel; activations asymmetric per tensor. ``reduce_range`` (7-bit
     weights) is used only on CPUs without VNNI, where the u8 x s8 multiply can saturate.
@@ -342,10 +358,12 @@ class OnnxPredictor:
     chunks of its batch, the last one padded.
 
     ``threads``: ONNX Runtime intra-op threads (``None``: torch's current thread count, i.e. the
-    physical cores or ``--threads``).
+    physical cores or ``--threads``). ``spin``: whether idle pool threads busy-wait for work (ONNX
+    Runtime's default, fastest on an idle machine); ``None`` turns spinning off when the machine is
+    already busy (1-minute load average >= 0.75 x cores), where spinning threads starve the working one.
     """
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, spin: bool | None = None) -> None:
         ort = _require_ort()
         self.path = Path(path)
         if not self.path.is_file():
@@ -355,6 +373,10 @@ class OnnxPredictor:
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # ORT warns about every QDQ pair it leaves unfused; that is noise
+        if spin is None:
+            spin = not (hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1))
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        self.spin = spin
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.batch = _input_batch(self.path)

@@ -110,20 +110,12 @@ class ConvTranspose2dSame(nn.ConvTranspose2d):
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
-        if self.kernel_size != (3, 3):
-            return super().forward(x)[..., : 2 * h, : 2 * w]
-        # Same sums, computed as zero-pad (top/left) + 2x2 conv to 4*C_out "phase" channels + pixel shuffle:
-        # output 2p+r gathers taps r + 2m from inputs p - m, an ordinary conv per phase. On CPUs oneDNN's
-        # transposed conv is 2-4x slower than this conv (forward and backward), though this does 16/9 the
-        # multiply-adds (the 7 zero taps). Parameters and state_dict are unchanged: the 2x2 kernel is
-        # rebuilt from the 3x3 one on each call (cheap; autograd carries gradients back to it).
-        # Tap 3 of the zero-padded kernel is 0; phase r at window offset a reads tap r + 2*(1 - a).
-        wp = F.pad(self.weight, (0, 1, 0, 1))[:, :, [2, 0, 3, 1]][:, :, :, [2, 0, 3, 1]]
-        cin, cout = wp.shape[:2]
-        # (C_in, C_out, r_h, a, r_w, b) -> (C_out * 4 in pixel-shuffle order, C_in, a, b)
-        weight = wp.reshape(cin, cout, 2, 2, 2, 2).permute(1, 2, 4, 0, 3, 5).reshape(4 * cout, cin, 2, 2)
-        bias = self.bias.repeat_interleave(4) if self.bias is not None else None
-        return F.pixel_shuffle(F.conv2d(F.pad(x, (1, 0, 1, 0)), weight, bias), 2)
+        # output_padding=1 makes the uncropped output 2H+2 instead of 2H+1: the extra row/column is
+        # cropped away with the other one, so the values are the same, but oneDNN's strided bf16
+        # deconvolution kernel is 8-30x slower on odd output sizes (measured on an AVX512-BF16 CPU), which
+        # made these 4 layers (9 % of the FLOPs) about half of the lab model's bf16 forward time.
+        out = F.conv_transpose2d(x, self.weight, self.bias, stride=self.stride, output_padding=1)
+        return out[..., : 2 * h, : 2 * w]
 
 
 class ConvBlock(nn.Module):

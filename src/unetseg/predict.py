@@ -33,7 +33,7 @@ from .checkpoint import load_checkpoint
 from .classes import ClassTable
 from .errors import UnetsegError
 from .model import model_from_config
-from .runtime import autocast, memory_format, pick_device, resolve_precision, set_threads
+from .runtime import pick_device, prepare_model_for_inference, set_threads
 from .train import forward_full
 
 
@@ -52,10 +52,11 @@ class Predictor:
         state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
         set_threads(threads)
         self.device = pick_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model_from_config(state["model_config"])
-        self.model.load_state_dict(state["model"])
-        self.model.to(self.device, memory_format=memory_format(self.device)).eval()
+        model = model_from_config(state["model_config"])
+        model.load_state_dict(state["model"])
+        # bf16 weights where the hardware does bf16 natively, channels_last: see unetseg.runtime.
+        self.model = prepare_model_for_inference(model, precision, self.device)
+        self.precision = self.model.precision
         self.classes = ClassTable.from_dict(state["classes"])
         if len(self.classes) != self.model.config["n_classes"]:
             raise UnetsegError(f"checkpoint names {len(self.classes)} classes but its model outputs "
@@ -80,10 +81,8 @@ class Predictor:
     def logits(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> torch.Tensor:
         """Float32 logits ``(N, C, *out_size)`` for same-size HWC uint8 ``images``."""
         x = torch.from_numpy(np.stack([self._prepare(im) for im in images])).permute(0, 3, 1, 2)
-        x = x.to(self.device).float().div_(255).contiguous(memory_format=memory_format(self.device))
-        with autocast(self.precision, self.device):
-            out = forward_full(self.model, x)
-        out = out.float()
+        x = x.to(self.device).float().div_(255)
+        out = forward_full(self.model, x)  # float32 logits
         if tuple(out.shape[-2:]) != tuple(out_size):
             out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
         return out

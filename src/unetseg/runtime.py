@@ -125,12 +125,21 @@ def inference_mode(model: torch.nn.Module) -> Iterator[None]:
 # Fast paths: torch.compile where it pays off, and a prepared inference model for predict/evaluate.
 # --------------------------------------------------------------------------------------------------
 
-#: Rough costs and gains of ``torch.compile`` (inductor) on the lab model, batch 32, 96x128, measured on
-#: a 2-core AVX512-BF16 CPU with torch 2.13 (see BENCHMARKS.md): seconds to compile the first call with
-#: a cold cache, and the fraction of each call's time that the compiled code saves over the eager
-#: path it replaces. ``compile_pays_off`` weighs them against a run's length.
+#: Rough costs and gains of ``torch.compile`` (inductor) on the lab model, batch 32, 96x128, measured on a
+#: 2-core AVX512-BF16 CPU with torch 2.13 (see BENCHMARKS.md): seconds to compile the first call with a cold
+#: cache, and the fraction of each call's time that the compiled code saves over the eager path it
+#: replaces. On that CPU a compiled bf16 *training* step was ~15 % slower than eager (its convolutions are
+#: the same oneDNN calls and inductor's other kernels were slower), so compiling never pays for CPU
+#: training; compiled inference (weights frozen) was 1-2 % faster at batch 32 (12 % lower single-image
+#: latency). The CUDA figures are typical ones, not measured here. ``compile_pays_off`` weighs them
+#: against a run's length.
 COMPILE_COST_S = {"train": 150.0, "infer": 60.0}
-COMPILE_SAVING = {"train": 0.20, "infer": 0.25}
+COMPILE_SAVING = {
+    ("cpu", "train"): 0.0,
+    ("cpu", "infer"): 0.02,
+    ("cuda", "train"): 0.20,
+    ("cuda", "infer"): 0.25,
+}
 
 
 def compile_available(device: torch.device) -> tuple[bool, str]:
@@ -168,13 +177,14 @@ def compile_pays_off(
         device: where it runs; False wherever ``compile_available`` is False.
         compile_cost_s: override the measured compile time (``COMPILE_COST_S``).
 
-    The saving is ``COMPILE_SAVING[kind] * seconds_eager``; compile only if it is at least twice the
-    compile cost, since a cold cache, a slower machine or a busy one can easily double it.
+    The saving is ``COMPILE_SAVING[device.type, kind] * seconds_eager``; compile only if it is at least
+    twice the compile cost, since a cold cache, a slower machine or a busy one can easily double it.
     """
     if not compile_available(device)[0]:
         return False
     cost = COMPILE_COST_S[kind] if compile_cost_s is None else compile_cost_s
-    return COMPILE_SAVING[kind] * seconds_eager >= 2.0 * cost
+    saving = COMPILE_SAVING.get((device.type, kind), 0.0)
+    return saving > 0 and saving * seconds_eager >= 2.0 * cost
 
 
 def resolve_compile(flag: str | bool, kind: str, seconds_eager: float, device: torch.device) -> bool:
@@ -199,6 +209,28 @@ def compile_for_training(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model, dynamic=False)
 
 
+class _Fp32Head(torch.nn.Module):
+    """The final 1x1 logits conv kept in fp32 inside a bf16 network: ``(N, C, H, W)`` any float → fp32 logits.
+
+    Optional (``InferenceModel(fp32_head=True)``): fp32 logits cannot flip argmax between classes whose
+    logits differ by less than bf16's rounding step (~0.4 % of their size), but on a CPU the fp32 1x1 conv
+    over bf16 activations costs ~7 % of the lab model's batch time (the cast and a slow fp32 kernel with
+    23 output channels), and on a trained lab checkpoint it raised argmax agreement with fp32 eager only
+    from 99.81 to 99.83 %: the flips come from bf16 rounding throughout the network (BENCHMARKS.md).
+    """
+
+    def __init__(self, conv: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.float())
+
+
+#: Attribute names of the logits layer in the unetseg models (lab ``UNet``, ``PaperUNet``).
+_HEAD_NAMES = ("conv10", "head")
+
+
 class InferenceModel(torch.nn.Module):
     """A frozen copy of a model on the fastest sound path, for predict/evaluate/benchmark.
 
@@ -207,7 +239,7 @@ class InferenceModel(torch.nn.Module):
     ``prepare_model_for_inference``; the source model is not modified.
 
     * ``bf16``: the copy's weights are stored in bf16 (not autocast, which re-casts every weight on every
-      call: ~5 ms of a 12 ms single-image forward on the lab model); the logits are returned in fp32.
+      call); logits are returned as fp32 (``fp32_head=True`` also computes the last 1x1 conv in fp32).
     * channels_last on the CPU: oneDNN's native layout, so no reorders around each conv.
     * ``compiled``: ``torch.compile`` with inductor and weight freezing (constant-folded, prepacked
       weights, convs fused with bias and ReLU). Shapes are static: a batch smaller than ``batch_size``
@@ -224,6 +256,7 @@ class InferenceModel(torch.nn.Module):
         device: torch.device,
         compiled: bool = False,
         batch_size: int | None = None,
+        fp32_head: bool = False,
     ) -> None:
         super().__init__()
         self.device = torch.device(device)
@@ -234,6 +267,13 @@ class InferenceModel(torch.nn.Module):
         for p in net.parameters():
             p.requires_grad_(False)
         self.net = net.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
+        if fp32_head and self.dtype != torch.float32:
+            for name in _HEAD_NAMES:
+                head = getattr(model, name, None)
+                if isinstance(head, torch.nn.Conv2d):
+                    fp32 = copy.deepcopy(head).to(self.device, memory_format=self.memory_format).eval()
+                    fp32.requires_grad_(False)
+                    setattr(self.net, name, _Fp32Head(fp32))
         self.arch = getattr(model, "arch", "lab")
         self.depth = getattr(model, "depth", 4)
         self.config = dict(getattr(model, "config", {}))
@@ -241,9 +281,7 @@ class InferenceModel(torch.nn.Module):
         self.batch_size = batch_size
         self._fn: Callable[[torch.Tensor], torch.Tensor] = self.net
         if compiled:
-            # Freezing folds the (now constant) weights into the graph, which lets inductor prepack them
-            # for oneDNN and fuse conv + bias + ReLU; it needs no_grad, which forward guarantees.
-            self._fn = torch.compile(self.net, dynamic=False, options={"freezing": True})
+            self._fn = torch.compile(self.net, dynamic=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -252,7 +290,17 @@ class InferenceModel(torch.nn.Module):
             pad = (self.batch_size or 0) - n if self.compiled else 0
             if pad > 0:
                 x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]).contiguous(memory_format=self.memory_format)
-            out = self._fn(x)
+            if self.compiled:
+                # Freezing folds the (now constant) weights into the graph, which lets inductor prepack
+                # them for oneDNN and fuse conv + bias + ReLU (it needs no_grad: inference_mode is).
+                # It must be set while the first call of each shape compiles; torch.compile(options=...)
+                # does not reach it (torch 2.13), hence the config patch around every call.
+                import torch._inductor.config as inductor_config
+
+                with inductor_config.patch(freezing=True):
+                    out = self._fn(x)
+            else:
+                out = self._fn(x)
             return out[:n].float()
 
 
@@ -274,10 +322,51 @@ def prepare_model_for_inference(
         n_images: how many images the caller will run, for ``compile="auto"``.
         batch_size: the caller's batch size; compiled models pad smaller batches to it.
 
-    The predictions agree with fp32 eager's argmax on >= 99.9 % of pixels (tests/test_bench.py).
+    On the CPU it also calls ``retain_freed_memory()`` (process-wide). bf16 is as exact as autocast: on
+    a small trained model argmax agrees with fp32 eager on >= 99.9 % of pixels (tests/test_bench.py); on
+    a lab checkpoint whose logits reach +-200, on 99.81 % with unchanged mIoU (BENCHMARKS.md). Use
+    ``precision="fp32"`` for fp32-identical masks.
     """
     device = torch.device(device)
     precision = resolve_precision(precision, device)
-    # Rough eager time for the compile decision: the lab model runs ~60 img/s in bf16 on two cores.
-    compiled = resolve_compile(compile, "infer", n_images / 60.0, device)
+    if device.type == "cpu":
+        retain_freed_memory()  # ~20 % of a CPU batch is page faults on fresh activations otherwise
+    # Rough eager time for the compile decision: the lab model runs ~75 img/s per core in bf16 (BENCHMARKS.md).
+    compiled = resolve_compile(compile, "infer", n_images / 75.0, device)
     return InferenceModel(model, precision, device, compiled=compiled, batch_size=batch_size)
+
+
+_ALLOCATOR_TUNED: bool | None = None
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS; True if applied.
+
+    PyTorch's CPU allocator takes every tensor from malloc and frees it when the tensor dies. glibc serves
+    large blocks (the lab model's 25-50 MB activations) with fresh ``mmap`` pages and unmaps them on free,
+    so every forward pass page-faults and zero-fills each activation again: on a 2-core AVX512-BF16 CPU that
+    is ~20 % of a bf16 inference batch (72 vs 60 img/s per core, BENCHMARKS.md). With mmap off and trimming
+    off, freed blocks stay in the heap and the next step reuses them, as TensorFlow's own allocator does.
+    The cost is that the process keeps its peak footprint until it exits, which suits the CLI's
+    single-purpose processes. Linux/glibc only; elsewhere, or with ``UNETSEG_MALLOC=default``, it does
+    nothing. Idempotent.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED is not None:
+        return _ALLOCATOR_TUNED
+    _ALLOCATOR_TUNED = False
+    if os.environ.get("UNETSEG_MALLOC", "") == "default" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+    _ALLOCATOR_TUNED = bool(ok)
+    return _ALLOCATOR_TUNED

@@ -39,7 +39,15 @@ from .errors import UnetsegError
 from .losses import LossFn, class_weights, cross_entropy, make_loss
 from .metrics import confusion_matrix, mean_iou, pixel_accuracy
 from .model import build_model, check_lab_size, crop_like, paper_output_size
-from .runtime import autocast, describe, memory_format, pick_device, resolve_precision, set_threads
+from .runtime import (
+    autocast,
+    describe,
+    memory_format,
+    pick_device,
+    resolve_precision,
+    retain_freed_memory,
+    set_threads,
+)
 
 HISTORY_COLUMNS = [
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_miou", "seconds",
@@ -206,6 +214,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
     from .data import Split, load_dataset, split_by_sequence
 
     set_threads(cfg.threads)
+    retain_freed_memory()  # reuse activation memory between steps instead of page-faulting it in again
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if cfg.deterministic:

@@ -1,0 +1,227 @@
+"""The benchmark command and the fast paths it measures (runtime's inference model, compile decisions).
+
+Everything runs on tiny models (4 base filters, depth 2) at 32x32 so the file takes seconds; the
+compiled paths, which spend tens of seconds in inductor, are marked slow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unetseg.bench import ALL_MODES, add_arguments, count_flops, main, run_benchmark
+from unetseg.errors import UnetsegError
+from unetseg.model import ConvTranspose2dSame, build_model, unet_model
+from unetseg.runtime import (
+    InferenceModel,
+    compile_available,
+    compile_pays_off,
+    cpu_has_native_bf16,
+    prepare_model_for_inference,
+    resolve_compile,
+)
+
+TINY = dict(base_filters=4, depth=2, n_classes=5)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from a second thread, and on a busy machine OpenMP's barriers make a
+    # two-thread step of a tiny model up to 50x slower than one thread.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_lab_model_flops_match_the_issue() -> None:
+    # 5.02 GFLOP per 96x128 image forward: the figure the speed targets are stated in.
+    with torch.device("meta"):  # no weight init: instant
+        net = unet_model()
+    assert count_flops(net, (96, 128)) / 1e9 == pytest.approx(5.022, abs=0.001)
+
+
+def test_fast_transposed_conv_equals_pytorchs_in_value_and_gradient() -> None:
+    # model.ConvTranspose2dSame computes pad + 2x2 conv + pixel shuffle for speed; it must be the same
+    # function of the same parameters as the cropped native transposed conv, gradients included.
+    torch.manual_seed(0)
+    t = ConvTranspose2dSame(6, 4)
+    nn.init.normal_(t.bias)
+    x = torch.randn(2, 6, 5, 7, requires_grad=True)
+    ref = nn.ConvTranspose2d.forward(t, x)[..., :10, :14]
+    out = t(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (x, t.weight, t.bias), g),
+                    torch.autograd.grad(ref, (x, t.weight, t.bias), g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert [n for n, _ in t.named_parameters()] == ["weight", "bias"] and t.weight.shape == (6, 4, 3, 3)
+
+
+def _trained_tiny(steps: int = 300) -> tuple[nn.Module, torch.Tensor]:
+    """A tiny lab U-Net trained for a few seconds to label pixels by colour: "trained-ish" weights.
+
+    Random weights give logits that nearly tie everywhere, which no real model has; 300 Adam steps (~2 s)
+    on a colour -> class task give the confident, spatially coherent logits of a trained network (> 95 %
+    pixel accuracy on fresh frames; errors and near-ties remain along the block edges).
+    """
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # the weight init: the same trained model whichever test asks first
+    net = build_model("lab", **TINY)
+    palette = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.2, 0.2, 0.9], [0.1, 0.1, 0.1], [0.9, 0.9, 0.8]])
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # 8x8 blocks, each one of five colours (its class), plus a little noise
+        y = F.interpolate(torch.randint(0, 5, (n, 1, 4, 4), generator=g).float(), scale_factor=8).long()[:, 0]
+        x = palette[y].permute(0, 3, 1, 2) + 0.05 * torch.randn(n, 3, 32, 32, generator=g)
+        return x.clamp(0, 1), y
+
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(steps):
+        x, y = batch(8)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = batch(16)
+    with torch.no_grad():
+        assert (net.eval()(x).argmax(1) == y).float().mean() > 0.95  # it did learn the task
+    return net, x
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 is chosen only on CPUs with native bf16")
+def test_bf16_inference_agrees_with_fp32_eager() -> None:
+    # The fast path predict/evaluate use: >= 99.9 % of pixels get the same class as fp32 eager.
+    torch.manual_seed(0)
+    net, x = _trained_tiny()
+    with torch.no_grad():
+        ref = net(x).argmax(1)
+    fast = prepare_model_for_inference(net, "bf16", CPU)
+    out = fast(x)
+    assert out.dtype == torch.float32 and out.shape == (16, 5, 32, 32)
+    agreement = (out.argmax(1) == ref).float().mean().item()
+    assert agreement >= 0.999, agreement
+
+
+def test_fp32_inference_model_matches_and_leaves_the_model_alone() -> None:
+    torch.manual_seed(0)
+    net = build_model("lab", **TINY).train()
+    before = copy.deepcopy(net.state_dict())
+    fast = prepare_model_for_inference(net, "fp32", CPU)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = net.eval()(x)
+    net.train()
+    torch.testing.assert_close(fast(x), ref, atol=1e-5, rtol=1e-5)
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert fast.arch == "lab" and fast.depth == 2  # so train.forward_full can take it in the model's place
+
+
+def test_inference_model_can_keep_an_fp32_head_in_bf16() -> None:
+    net = build_model("lab", **TINY)
+    fast = InferenceModel(net, "bf16", CPU, fp32_head=True)
+    assert fast.net.encoder[0].convs[0].weight.dtype == torch.bfloat16
+    assert fast.net.conv10.conv.weight.dtype == torch.float32
+    assert fast(torch.rand(1, 3, 32, 32)).dtype == torch.float32
+
+
+def test_compile_decisions() -> None:
+    assert resolve_compile("off", "train", 1e9, CPU) is False
+    assert compile_pays_off("infer", 1.0, CPU) is False  # a second of work never pays for compiling
+    # On CPUs a compiled training step measured no faster than eager (BENCHMARKS.md): never worth it.
+    assert compile_pays_off("train", 1e6, CPU) is False
+    if compile_available(CPU)[0]:
+        assert compile_pays_off("infer", 1e5, CPU)  # a day of inference is worth a minute of compiling
+        assert compile_pays_off("train", 1e5, torch.device("cuda"))
+        assert resolve_compile("on", "infer", 0.0, CPU) is True
+    with pytest.raises(UnetsegError, match="compile"):
+        resolve_compile("sometimes", "train", 1.0, CPU)
+
+
+def _quick(**kw: object) -> dict:
+    opts = dict(quick=True, size=(32, 32), batch_size=4, threads=1, model_options=TINY, verbose=False)
+    opts.update(kw)
+    return run_benchmark(**opts)  # type: ignore[arg-type]
+
+
+def test_benchmark_quick_reports_every_figure() -> None:
+    modes = ["fp32", "fp32_cl", "auto"] + (["bf16"] if cpu_has_native_bf16() else [])
+    r = _quick(modes=modes, compile="off")
+    assert set(r["modes"]) == set(modes)
+    for key in ("train_images_per_s", "infer_images_per_s", "latency_ms", "peak_rss_mib"):
+        assert r[key] > 0, key
+    row = r["modes"]["fp32"]
+    for key in ("train_gflops", "infer_gflops", "train_pct_of_fp32_peak", "infer_x_fp32", "samples"):
+        assert key in row, key
+    assert row["samples"] == {"train": 2, "infer": 2, "latency": 4}
+    assert r["peaks"]["matmul_fp32_gflops"] > 0 and r["peaks"]["matmul_bf16_gflops"] > 0
+    assert r["gflop_per_image"]["train_step"] == pytest.approx(3 * r["gflop_per_image"]["forward"])
+    assert r["auto"]["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+
+
+def test_benchmark_onnx_modes_and_json(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "bench.json"
+    rc = main(["--quick", "--size", "32", "32", "--batch-size", "4", "--filters", "4", "--depth", "2",
+               "--classes", "5", "--threads", "1", "--modes", "fp32,onnx_fp32,onnx_int8",
+               "--parts", "infer,latency", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    assert r["infer_int8_images_per_s"] > 0 and r["latency_int8_ms"] > 0
+    assert "train_images_per_s" not in r["modes"]["onnx_int8"]
+    assert r["modes"]["onnx_int8"]["precision"] == "int8"
+
+
+def test_benchmark_rejects_unknown_modes_and_sizes() -> None:
+    with pytest.raises(UnetsegError, match="unknown benchmark mode"):
+        _quick(modes=["fp64"])
+    with pytest.raises(UnetsegError, match="divisible"):
+        _quick(modes=["fp32"], size=(30, 32))
+    assert main(["--quick", "--modes", "warp9"]) == 2
+    assert "auto" in ALL_MODES
+
+
+def test_benchmark_cpu_clock() -> None:
+    r = _quick(modes=["fp32"], clock="cpu", parts=("infer",))
+    assert r["settings"]["clock"] == "cpu" and r["modes"]["fp32"]["infer_images_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compile_available(CPU)[0], reason="torch.compile (inductor) unavailable here")
+def test_compiled_paths_run_and_agree() -> None:
+    net, x = _trained_tiny()
+    with torch.no_grad():
+        ref = net(x).argmax(1)
+    precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    fast = prepare_model_for_inference(net, precision, CPU, compile="on", batch_size=16)
+    assert fast.compiled
+    assert (fast(x).argmax(1) == ref).float().mean().item() >= 0.999
+    assert fast(x[:3]).shape == (3, 5, 32, 32)  # padded to the compiled batch, then cut back
+    r = _quick(modes=["fp32_compile", "auto"], compile="on", parts=("train", "infer"))
+    assert r["modes"]["auto"]["compile_train"] is True and r["modes"]["fp32_compile"]["train_images_per_s"] > 0
+
+
+def test_cli_benchmark_options_match_and_run(tmp_path: Path) -> None:
+    cli = pytest.importorskip("unetseg.cli")
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    ours = argparse.ArgumentParser()
+    add_arguments(ours)
+
+    def options(p: argparse.ArgumentParser) -> dict:
+        return {a.dest: a.default for a in p._actions if a.dest != "help"}
+
+    assert options(sub.choices["benchmark"]) == options(ours)  # cli.py spells them out; keep them equal
+    out = tmp_path / "b.json"
+    assert cli.main(["benchmark", "--quick", "--size", "32", "32", "--batch-size", "2", "--filters", "4",
+                     "--depth", "2", "--threads", "1", "--modes", "fp32", "--parts", "infer",
+                     "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["modes"]["fp32"]["infer_images_per_s"] > 0

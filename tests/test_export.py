@@ -1,0 +1,161 @@
+"""ONNX export, the exact transposed-conv rewrite, int8 quantization and the ONNX Runtime predictor.
+
+The rewrite tests need only torch; everything that runs a model in ONNX Runtime skips cleanly where
+``onnxruntime`` (the ``onnx`` extra) is not installed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from unetseg.errors import UnetsegError
+from unetseg.export import ConvTransposeAsConvShuffle, rewrite_transposed_convs
+from unetseg.model import ConvTranspose2dSame, build_model
+
+
+def _native_same(t: ConvTranspose2dSame, x: torch.Tensor) -> torch.Tensor:
+    """The reference: PyTorch's own transposed conv, cropped to 2H x 2W (TF 'same' alignment)."""
+    h, w = x.shape[-2:]
+    return nn.ConvTranspose2d.forward(t, x)[..., : 2 * h, : 2 * w]
+
+
+@pytest.mark.parametrize("cin,cout,h,w", [(3, 5, 4, 6), (16, 8, 6, 8), (1, 1, 3, 3)])
+def test_rewrite_equals_transposed_conv_same(cin: int, cout: int, h: int, w: int) -> None:
+    torch.manual_seed(0)
+    t = ConvTranspose2dSame(cin, cout)
+    nn.init.normal_(t.bias)
+    x = torch.randn(2, cin, h, w)
+    with torch.no_grad():
+        ref = _native_same(t, x)
+        out = ConvTransposeAsConvShuffle(t)(x)
+    assert out.shape == (2, cout, 2 * h, 2 * w)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rewrite_equals_paper_up_convolution() -> None:
+    # The paper's 2x2 stride-2 up-conv has no overlap: the rewrite is a 1x1 conv + pixel shuffle.
+    torch.manual_seed(0)
+    t = nn.ConvTranspose2d(6, 4, 2, stride=2)
+    x = torch.randn(2, 6, 5, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ConvTransposeAsConvShuffle(t)(x), t(x), atol=1e-5, rtol=1e-5)
+
+
+def test_rewrite_refuses_what_it_cannot_do_exactly() -> None:
+    with pytest.raises(UnetsegError, match="cannot rewrite"):
+        ConvTransposeAsConvShuffle(nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1))
+    with pytest.raises(UnetsegError, match="larger than stride"):
+        ConvTransposeAsConvShuffle(nn.ConvTranspose2d(2, 2, 3, stride=2))  # output 2H+1, not 2H
+
+
+@pytest.mark.parametrize("arch,size", [("lab", (32, 48)), ("paper", (44, 44))])
+def test_rewritten_model_matches_and_leaves_original_alone(arch: str, size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    net = build_model(arch, base_filters=4, depth=2, n_classes=5).eval()
+    rewritten = rewrite_transposed_convs(net)
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in rewritten.modules())
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in net.modules()) == 2  # untouched
+    x = torch.rand(2, net.config["in_channels"], *size)
+    with torch.no_grad():
+        torch.testing.assert_close(rewritten(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ ONNX Runtime
+@pytest.fixture(scope="module")
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("lab", base_filters=4, depth=2, n_classes=5).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("onnxruntime")
+    from unetseg.export import export_onnx
+
+    return export_onnx(tiny, tmp_path_factory.mktemp("onnx") / "tiny.onnx", input_size=(32, 32))
+
+
+def test_onnx_fp32_matches_torch(tiny: nn.Module, tiny_onnx: Path) -> None:
+    import onnx
+
+    from unetseg.export import OnnxPredictor
+
+    ops = {n.op_type for n in onnx.load(str(tiny_onnx)).graph.node}
+    assert "ConvTranspose" not in ops and "Conv" in ops  # rewritten: every conv is a Conv
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = tiny(x)
+    pred = OnnxPredictor(tiny_onnx, threads=1)
+    out = pred(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 5, 32, 32)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    as_np = pred(x.numpy())
+    assert isinstance(as_np, np.ndarray)
+    # uint8 frames are scaled by 1/255, as the data pipeline does
+    frames = (x * 255).round().to(torch.uint8)
+    torch.testing.assert_close(pred(frames), pred(frames.float() / 255), atol=1e-6, rtol=0)
+
+
+def test_onnx_fixed_batch_pads_last_chunk(tiny: nn.Module, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from unetseg.export import OnnxPredictor, export_onnx
+
+    path = export_onnx(tiny, tmp_path / "b4.onnx", input_size=(32, 32), batch=4, rewrite_transposed=False)
+    pred = OnnxPredictor(path, threads=1)
+    assert pred.batch == 4
+    x = torch.rand(6, 3, 32, 32)  # one full chunk and a padded one
+    with torch.no_grad():
+        torch.testing.assert_close(pred(x), tiny(x), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_quantization_is_static_qdq_per_channel(tiny: nn.Module, tiny_onnx: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from unetseg.export import OnnxPredictor, quantize_int8
+
+    frames = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    q = quantize_int8(tiny_onnx, frames, tmp_path / "tiny.int8.onnx")
+    graph = onnx.load(str(q)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "ConvTranspose" not in ops
+    inits = {i.name: i for i in graph.initializer}
+    # Per-channel weights: a weight DequantizeLinear has one scale per output channel (a vector).
+    int8 = {name for name, t in inits.items() if t.data_type == onnx.TensorProto.INT8}
+    weight_scales = [
+        numpy_helper.to_array(inits[n.input[1]])
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in int8
+    ]
+    assert weight_scales and all(s.ndim == 1 and s.size > 1 for s in weight_scales)
+    x = frames[:4].float() / 255
+    with torch.no_grad():
+        ref = tiny(x)
+    out = OnnxPredictor(q, threads=1)(x)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    # Random weights give near-ties everywhere, so only closeness of the logits is checked here; the
+    # quality on real frames with trained weights is measured by benchmarks/int8_quality.py.
+    err = (out - ref).abs().mean() / ref.abs().mean()
+    assert err < 0.1
+
+
+def test_quantize_rejects_bad_inputs(tiny_onnx: Path, tmp_path: Path) -> None:
+    from unetseg.export import quantize_int8
+
+    with pytest.raises(UnetsegError, match="calibration images"):
+        quantize_int8(tiny_onnx, torch.zeros(3, 32, 32), tmp_path / "q.onnx")
+    with pytest.raises(UnetsegError, match="calibration method"):
+        quantize_int8(tiny_onnx, torch.zeros(1, 3, 32, 32), tmp_path / "q.onnx", method="magic")
+
+
+def test_predictor_missing_file(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from unetseg.export import OnnxPredictor
+
+    with pytest.raises(UnetsegError, match="no such ONNX model"):
+        OnnxPredictor(tmp_path / "nope.onnx")
