@@ -59,7 +59,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnetsegError
@@ -279,42 +278,16 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> Callable[[], float]:
     return run
 
 
-def _local_train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    precision: str,
-    device: torch.device,
-) -> torch.Tensor:
-    """What ``unetseg.train.train_step`` does, for when that module is absent: CE loss in fp32, Adam."""
-    with autocast(precision, device):
-        logits = model(images)
-    loss = F.cross_entropy(logits.float(), masks)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 def _train_step_fn() -> tuple[Callable[..., Any], str]:
-    """The toolkit's own training step where it exists (so the benchmark times what training runs)."""
-    try:
-        from .train import train_step
+    """The toolkit's own training step, so the benchmark times what training runs."""
+    from .train import train_step
 
-        return train_step, "unetseg.train.train_step"
-    except ImportError:
-        return _local_train_step, "bench._local_train_step"
+    return train_step, "unetseg.train.train_step"
 
 
 def _make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    """Adam at Keras' defaults (the lab's ``optimizer='adam'``), as ``unetseg train`` builds it."""
-    try:
-        from .train import make_optimizer  # type: ignore[attr-defined]
-
-        return make_optimizer(model)
-    except (ImportError, TypeError):
-        return torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
+    """Adam as the lab recipe builds it (lr 1e-3, Keras' epsilon 1e-7)."""
+    return torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
 
 
 def auto_decisions(
