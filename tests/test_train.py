@@ -214,3 +214,32 @@ def test_quickstart_trains_evaluates_and_predicts(scenes: Path, tmp_path: Path) 
     assert 0 <= metrics["mean_iou"] <= 1 and metrics["split"] == "val"
     assert (out / "evaluation" / "confusion.png").is_file()
     assert len(list((out / "predictions" / "triplet").glob("*.png"))) == 3
+
+
+@pytest.mark.slow
+def test_colour_masks_with_a_palette_train_and_evaluate(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from unetseg.evaluate import evaluate
+
+    palette = {"background": [0, 0, 0], "road": [128, 64, 128], "car": [0, 0, 142]}
+    (tmp_path / "palette.json").write_text(json.dumps(palette))
+    for sub in ("images", "masks"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        ids = np.zeros((32, 48), np.uint8)
+        ids[16:] = 1
+        ids[18:24, 5 + i : 15 + i] = 2
+        colours = np.array(list(palette.values()), np.uint8)[ids]
+        image = (colours * 0.8 + rng.integers(0, 40, colours.shape)).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "data" / "images" / f"f{i:02d}.jpg")
+        Image.fromarray(colours).save(tmp_path / "data" / "masks" / f"f{i:02d}.png")
+    out = tmp_path / "run"
+    train(**{**TINY_TRAIN, "data": str(tmp_path / "data"), "out": str(out), "epochs": 2,
+             "palette": str(tmp_path / "palette.json"), "val_fraction": 0.25})
+    state = load_checkpoint(out / "best.pt")
+    assert state["classes"]["names"] == ["background", "road", "car"]
+    r = evaluate(out / "best.pt", tmp_path / "data", palette=tmp_path / "palette.json", progress=False)
+    assert r["frames"] == 12 and set(r["classes_present"]) == {"background", "road", "car"}

@@ -90,7 +90,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate(
         args.checkpoint, args.data, out_dir=args.out, batch_size=args.batch_size, precision=args.precision,
-        layout=args.layout, threads=args.threads, split=args.split,
+        layout=args.layout, threads=args.threads, split=args.split, palette=args.palette,
     )
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device")
     t.add_argument("--classes", type=int, help="number of classes (default: from the dataset)")
     t.add_argument("--layout", choices=LAYOUTS)
+    t.add_argument("--palette", help="JSON/CSV name -> RGB for colour masks")
+    t.add_argument("--class-names", help="file naming the classes, one per line or JSON")
+    t.add_argument("--cache-dir", help="keep decoded frames here so the next run decodes nothing")
     t.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after the epoch that passes it")
     t.add_argument("--no-progress", action="store_true", default=None)
     t.set_defaults(func=_cmd_train)
@@ -207,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int)
     e.add_argument("--layout", choices=LAYOUTS, default="auto")
     e.add_argument("--split", choices=("val",), help="score only the frames the run held out for validation")
+    e.add_argument("--palette", help="JSON/CSV name -> RGB for colour masks")
     e.set_defaults(func=_cmd_evaluate)
 
     r = sub.add_parser("predict", help="segment images: index PNG, colour mask, overlay (and triplet)")

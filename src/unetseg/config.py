@@ -49,6 +49,9 @@ class TrainConfig:
     color_jitter: float = 0.2
     rare_crops: float = 0.0  # share of training crops centred on a pixel of a rare class (needs crop)
     layout: str = "auto"
+    palette: str | None = None  # JSON/CSV name -> RGB, for colour masks
+    class_names: str | None = None  # file naming the classes
+    cache_dir: str | None = None  # keep decoded frames here so the next run decodes nothing
     val_fraction: float = 0.2
     val_every: int = 1  # validate every k epochs (and always after the last)
     synth_count: int = 300  # frames generated when no --data is given
@@ -146,7 +149,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         "batch_size": args.batch_size, "lr": args.lr, "size": list(args.size) if args.size else None,
         "dropout": args.dropout, "val_fraction": args.val_fraction, "seed": args.seed,
         "deterministic": args.deterministic, "precision": args.precision, "threads": args.threads,
-        "device": args.device, "n_classes": args.classes, "layout": args.layout,
+        "device": args.device, "n_classes": args.classes, "layout": args.layout, "palette": args.palette,
+        "class_names": args.class_names, "cache_dir": args.cache_dir,
         "time_budget": args.time_budget, "no_progress": args.no_progress,
     }
     return resolve_config(config_file=args.config, overrides=flags)

@@ -29,19 +29,22 @@ from .predict import Predictor
 def evaluate(
     checkpoint: str | Path, data: str | Path, out_dir: str | Path | None = None, batch_size: int = 16,
     precision: str = "auto", layout: str = "auto", threads: int | None = None, split: str | None = None,
-    progress: bool = True,
+    progress: bool = True, palette: str | Path | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on the image/mask folder ``data``.
 
-    ``split="val"`` scores only the frames the checkpoint's run held out for validation. Returns
+    ``split="val"`` scores only the frames the checkpoint's run held out for validation; ``palette`` maps
+    colour masks to class ids (as in training). Returns
     ``{"pixel_accuracy", "mean_iou", "per_class_iou": {name: IoU or None}, "classes_present",
     "frames", "confusion_matrix", ...}``; with ``out_dir``, also writes ``metrics.json`` and ``confusion.png``.
     """
     from .data import find_pairs, read_image, read_mask
+    from .data.layouts import palette_or_none
 
     state = load_checkpoint(checkpoint)
     predictor = Predictor(state, precision=precision, threads=threads, batch_size=batch_size)
     pairs, found_layout = find_pairs(data, layout)
+    palette = palette_or_none(palette)  # parse the file once, not per mask
     if split is not None:
         if split != "val":
             raise UnetsegError(f"--split {split!r}: only 'val' (the run's held-out frames) is known")
@@ -55,7 +58,7 @@ def evaluate(
     cm = torch.zeros(n, n, dtype=torch.long)
 
     def load(pair: Any) -> tuple[Any, Any, Any]:
-        image, mask = read_image(pair.image), read_mask(pair.mask, found_layout)
+        image, mask = read_image(pair.image), read_mask(pair.mask, found_layout, palette)
         if image.shape[:2] != mask.shape:
             raise UnetsegError(f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but image {pair.image} is "
                                f"{image.shape[1]}x{image.shape[0]}")

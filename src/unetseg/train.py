@@ -222,7 +222,8 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
     root = _dataset_root(cfg, run_dir)
     data = load_dataset(
         root, size=tuple(cfg.size) if cfg.size else None, resize_mode=cfg.resize_mode, n_classes=cfg.n_classes,
-        layout=cfg.layout, progress=not cfg.no_progress,
+        layout=cfg.layout, palette=cfg.palette, class_names=cfg.class_names, cache_dir=cfg.cache_dir,
+        progress=not cfg.no_progress,
     )
     n_classes = len(data.classes)
     if len(data) < 2:
