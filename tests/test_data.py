@@ -476,20 +476,6 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
     assert len(data) == 3 and not data.from_cache
 
 
-def test_two_epochs_in_memory_decode_nothing(tmp_path):
-    make_carla(tmp_path, names=[f"{i:06d}" for i in range(5)])
-    data = load_dataset(tmp_path, progress=False)
-    before = layouts.DECODE_COUNT
-    g = torch.Generator().manual_seed(0)
-    seen = 0
-    for _epoch in range(2):
-        for x, y in data.batches(2, shuffle=True, generator=g):
-            assert x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
-            assert y.dtype == torch.int64 and y.shape[1:] == (H, W)
-            seen += len(x)
-    assert seen == 10 and layouts.DECODE_COUNT == before
-
-
 # ---------------------------------------------------------------------------------------------- check
 
 

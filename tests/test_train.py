@@ -20,8 +20,8 @@ from unetseg.checkpoint import load_checkpoint, save_checkpoint
 from unetseg.config import resolve_config
 from unetseg.data import load_dataset
 from unetseg.errors import UnetsegError
-from unetseg.model import build_model
-from unetseg.train import forward_full, resume, train
+from unetseg.model import build_model, forward_full
+from unetseg.train import resume, train
 
 
 def _history(run: Path) -> list[dict[str, str]]:
@@ -243,3 +243,13 @@ def test_colour_masks_with_a_palette_train_and_evaluate(tmp_path: Path) -> None:
     assert state["classes"]["names"] == ["background", "road", "car"]
     r = evaluate(out / "best.pt", tmp_path / "data", palette=tmp_path / "palette.json", progress=False)
     assert r["frames"] == 12 and set(r["classes_present"]) == {"background", "road", "car"}
+
+
+@pytest.mark.slow
+def test_training_decodes_each_file_once(scenes: Path, tmp_path: Path) -> None:
+    from unetseg.data import layouts
+
+    before = layouts.DECODE_COUNT
+    train(**{**TINY_TRAIN, "data": str(scenes), "out": str(tmp_path / "run"), "epochs": 3})
+    # 40 images + 40 masks, decoded once at load; epochs 2 and 3 read only the in-memory tensors.
+    assert layouts.DECODE_COUNT - before == 80

@@ -117,18 +117,13 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     import os
 
-    # On a machine busy with other processes, torch's spinning OpenMP threads starve the one doing the work:
-    # with 2 threads on 2 busy cores a bf16 batch ran 2x slower and one image 5-15x slower than with
-    # OMP_WAIT_POLICY=PASSIVE (BENCHMARKS.md). OpenMP reads it once, when torch loads, so it can only be set
-    # here if nothing has imported torch yet; otherwise say how to get it. An idle machine keeps the default.
+    # On a busy machine torch's spinning OpenMP threads starve the one doing the work (BENCHMARKS.md).
+    # OpenMP reads OMP_WAIT_POLICY when torch loads, and `import unetseg` has loaded torch by now, so say it.
     busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1)
-    if busy and "OMP_WAIT_POLICY" not in os.environ:
-        if "torch" not in sys.modules:
-            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        elif (args.threads or os.cpu_count() or 1) > 1:
-            print("note: this machine is busy; run as `OMP_WAIT_POLICY=PASSIVE unetseg benchmark ...` (or with "
-                  "--threads 1 --clock cpu) so torch's OpenMP threads are not measured fighting for cores",
-                  file=sys.stderr)
+    if busy and "OMP_WAIT_POLICY" not in os.environ and (args.threads or os.cpu_count() or 1) > 1:
+        print("note: this machine is busy; run as `OMP_WAIT_POLICY=PASSIVE unetseg benchmark ...` (or with "
+              "--threads 1 --clock cpu) so torch's OpenMP threads are not measured fighting for cores",
+              file=sys.stderr)
     from .bench import main_from_args
 
     return main_from_args(args)

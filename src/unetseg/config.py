@@ -85,7 +85,8 @@ def load_recipe(name: str) -> dict[str, Any]:
     return yaml.safe_load(text) or {}
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; ``UnetsegError`` names the file if it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
         raise UnetsegError(f"{path}: config file not found")
@@ -102,7 +103,7 @@ def resolve_config(
     recipe: str | None = None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
     """Recipe defaults, then ``config_file``, then ``overrides`` (None values are ignored)."""
-    user = _read_yaml(config_file) if config_file else {}
+    user = read_yaml(config_file) if config_file else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     name = overrides.get("recipe") or recipe or user.get("recipe") or "default"
     merged: dict[str, Any] = {**load_recipe(name), **user, **overrides, "recipe": name}
@@ -165,7 +166,7 @@ def save_yaml(data: dict[str, Any], path: str | Path) -> None:
 def load_run_config(run_dir: str | Path) -> TrainConfig:
     """The resolved settings saved in ``RUN_DIR/config.yaml``."""
     path = Path(run_dir) / "config.yaml"
-    data = _read_yaml(path)
+    data = read_yaml(path)
     settings = data.get("settings", data)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in settings.items() if k in known})

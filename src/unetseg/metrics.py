@@ -49,7 +49,3 @@ def mean_iou(cm: torch.Tensor) -> float:
         return float("nan")
     return iou_per_class(cm)[present].mean().item()
 
-
-def pixel_accuracy_of(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """Share of pixels where ``argmax(logits, 1)`` equals ``target``: logits ``(N, C, H, W)``, target ``(N, H, W)``."""
-    return (logits.argmax(1) == target).float().mean().item()

@@ -49,6 +49,7 @@ __all__ = [
     "valid_paper_sizes",
     "count_parameters",
     "count_conv_layers",
+    "forward_full",
 ]
 
 # TF draws He-normal from a normal truncated at 2 sigma and divides sigma by this constant (the std of a
@@ -399,6 +400,33 @@ def output_size(model: nn.Module, height: int, width: int) -> tuple[int, int]:
         return paper_output_size(height, depth), paper_output_size(width, depth)
     check_lab_size(height, width, depth)
     return height, width
+
+
+def forward_full(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits ``(N, C, H, W)`` for images ``(N, 3, H, W)`` of any size.
+
+    The lab U-Net needs sides divisible by ``2**depth`` and the paper U-Net loses a border, so the input
+    is mirror-padded to the nearest size the network takes and the logits are cropped back.
+    """
+    h, w = images.shape[-2:]
+    depth = getattr(model, "depth", 4)
+    if getattr(model, "arch", "lab") == "paper":
+        pads = []
+        for side in (h, w):
+            size = side  # the smallest valid input whose output covers the side
+            while (out := _paper_out(size, depth)[0] or 0) < side:
+                size += 1
+            border = (size - out) // 2
+            pads.append((border, size - side - border))
+    else:
+        m = 2**depth
+        pads = [(0, -side % m) for side in (h, w)]
+    (top, bottom), (left, right) = pads
+    if top or bottom or left or right:
+        mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "replicate"
+        images = F.pad(images, (left, right, top, bottom), mode=mode)
+    logits = model(images)
+    return logits[..., :h, :w]
 
 
 def crop_like(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -32,9 +32,8 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint
 from .classes import ClassTable
 from .errors import UnetsegError
-from .model import model_from_config
+from .model import forward_full, model_from_config
 from .runtime import pick_device, prepare_model_for_inference, set_threads
-from .train import forward_full
 
 
 class Predictor:

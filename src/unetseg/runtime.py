@@ -19,7 +19,7 @@ import functools
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -107,18 +107,6 @@ def describe(device: torch.device, precision: str) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-@contextlib.contextmanager
-def inference_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode + ``torch.inference_mode`` for the block, restoring the model's training flag after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,7 +234,7 @@ class InferenceModel(torch.nn.Module):
       is zero-padded so that every call reuses one compiled graph.
 
     It exposes the wrapped network's ``arch``, ``depth`` and ``config``, so code that reads them
-    (``train.forward_full``) takes it in place of the model.
+    (``model.forward_full``) takes it in place of the model.
     """
 
     def __init__(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import platform
 import queue
@@ -34,11 +35,11 @@ from tqdm import tqdm
 from . import __version__ as unetseg_version
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .classes import ClassTable
-from .config import TrainConfig, load_run_config, resolve_config, save_yaml
+from .config import TrainConfig, load_run_config, read_yaml, resolve_config, save_yaml
 from .errors import UnetsegError
 from .losses import LossFn, class_weights, cross_entropy, make_loss
 from .metrics import confusion_matrix, mean_iou, pixel_accuracy
-from .model import build_model, check_lab_size, crop_like, paper_output_size
+from .model import build_model, check_lab_size, crop_like, forward_full, paper_output_size
 from .runtime import (
     autocast,
     describe,
@@ -81,39 +82,6 @@ def train_step(
     with torch.no_grad():
         correct = (logits.argmax(1) == masks).sum()
     return loss.detach(), correct, masks.numel()
-
-
-def forward_full(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Logits ``(N, C, H, W)`` for images ``(N, 3, H, W)`` of any size.
-
-    The lab U-Net needs sides divisible by ``2**depth`` and the paper U-Net loses a border, so the input
-    is mirror-padded to the nearest size the network takes and the logits are cropped back.
-    """
-    h, w = images.shape[-2:]
-    depth = getattr(model, "depth", 4)
-    if getattr(model, "arch", "lab") == "paper":
-        pads = []
-        for side in (h, w):
-            size = side
-            while True:
-                try:
-                    out = paper_output_size(size, depth)
-                except UnetsegError:
-                    out = -1
-                if out >= side:
-                    break
-                size += 1
-            border = (size - out) // 2
-            pads.append((border, size - side - border))
-    else:
-        m = 2**depth
-        pads = [(0, -side % m) for side in (h, w)]
-    (top, bottom), (left, right) = pads
-    if top or bottom or left or right:
-        mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "replicate"
-        images = nn.functional.pad(images, (left, right, top, bottom), mode=mode)
-    logits = model(images)
-    return logits[..., :h, :w]
 
 
 @torch.inference_mode()
@@ -469,7 +437,7 @@ def train(config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
                            f"`unetseg train --resume {run_dir}` or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     run = _setup(cfg, run_dir)
-    atomic_write_text(run_dir / "split.json", _json(run.split.to_dict()))
+    atomic_write_text(run_dir / "split.json", json.dumps(run.split.to_dict(), indent=1) + "\n")
     save_yaml({"settings": cfg.to_dict(), "environment": _environment(run), "data": _data_facts(run)},
               run_dir / "config.yaml")
     print(f"training {cfg.arch} U-Net ({sum(p.numel() for p in run.model.parameters()):,} parameters) on "
@@ -480,8 +448,6 @@ def train(config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
 
 def resume(run_dir: str | Path, epochs: int | None = None) -> dict[str, Any]:
     """Continue ``run_dir`` after its last completed epoch (optionally to a new total ``epochs``)."""
-    import json
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     state = load_checkpoint(run_dir / "last.pt", require=("model", "optimizer", "epoch", "rng"))
@@ -490,7 +456,7 @@ def resume(run_dir: str | Path, epochs: int | None = None) -> dict[str, Any]:
             raise UnetsegError(f"{run_dir} uses a {cfg.schedule} schedule planned for {cfg.epochs} epochs; "
                                "it cannot be stretched on resume (start a new run with --epochs)")
         cfg.epochs = epochs
-        save_yaml({**_read_yaml_dict(run_dir / "config.yaml"), "settings": cfg.to_dict()}, run_dir / "config.yaml")
+        save_yaml({**read_yaml(run_dir / "config.yaml"), "settings": cfg.to_dict()}, run_dir / "config.yaml")
     split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
     run = _setup(cfg, run_dir, split)
     run.model.load_state_dict(state["model"])
@@ -504,18 +470,6 @@ def resume(run_dir: str | Path, epochs: int | None = None) -> dict[str, Any]:
     else:
         print(f"resuming {run_dir} after epoch {done} of {cfg.epochs}", flush=True)
     return _fit(run, done + 1, list(state["history"]), state["best_miou"])
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=1) + "\n"
-
-
-def _read_yaml_dict(path: Path) -> dict[str, Any]:
-    import yaml
-
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 
 def _data_facts(run: _Run) -> dict[str, Any]:

@@ -29,7 +29,6 @@ import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,23 +105,6 @@ class SegmentationData:
             from_cache=self.from_cache,
             cache_file=self.cache_file,
         )
-
-    def class_pixel_counts(self) -> torch.Tensor:
-        """Pixels per class over all masks at the loaded size: ``(n_classes,)`` int64."""
-        return torch.bincount(self.masks.reshape(-1).long(), minlength=len(self.classes))[: len(self.classes)]
-
-    def batches(self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(images (B, 3, H, W) float32 in [0, 1], masks (B, H, W) int64)`` from memory.
-
-        Example: ``for x, y in data.batches(32, shuffle=True, generator=g): ...``
-        """
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        stop = n - n % batch_size if drop_last else n
-        for s in range(0, stop, batch_size):
-            idx = order[s: s + batch_size]
-            yield self.images[idx].float().div_(255.0), self.masks[idx].long()
 
 
 # ---------------------------------------------------------------------------------------------- resizing
