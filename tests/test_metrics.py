@@ -62,6 +62,15 @@ def test_class_weights_favour_rare_classes_and_zero_absent_ones() -> None:
     assert torch.equal(class_weights(masks, 3, "none"), torch.ones(3))
 
 
+def test_class_weight_clip_bounds_the_ratio_to_the_median() -> None:
+    masks = torch.zeros(1, 100, 100, dtype=torch.uint8)
+    masks[0, 0, :10] = 1  # 0.1 % of pixels
+    masks[0, 1:11, :] = 2  # 10 %
+    wide, narrow = class_weights(masks, 3, max_ratio=100.0), class_weights(masks, 3, max_ratio=2.0)
+    assert (wide[1] / wide[0]).item() > 20  # sqrt(89.9 % / 0.1 %) = 30
+    assert (narrow[1] / narrow[0]).item() == pytest.approx(4.0, rel=1e-4)  # 2 above the median, 2 below
+
+
 def test_make_loss_combines_terms() -> None:
     logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
     both = make_loss("ce+dice", 3)(logits, target)

@@ -220,7 +220,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
     scheduler = _make_scheduler(cfg, optimizer, steps * cfg.epochs)
     train_masks = data.masks.index_select(0, tr)
     class_pixels = torch.bincount(train_masks.reshape(-1).long(), minlength=n_classes)[:n_classes]
-    weights = class_weights(train_masks, n_classes, cfg.class_weighting).to(device)
+    weights = class_weights(train_masks, n_classes, cfg.class_weighting, cfg.class_weight_clip).to(device)
     loss_fn = make_loss(cfg.loss, n_classes, None if cfg.class_weighting == "none" else weights)
     preprocess = {
         "size": list(data.size), "resize_mode": cfg.resize_mode, "scale": 1 / 255, "layout": data.layout,
