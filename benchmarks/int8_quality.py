@@ -27,7 +27,7 @@ from unetseg.checkpoint import load_checkpoint
 from unetseg.data import load_dataset
 from unetseg.export import OnnxPredictor, export_onnx, quantize_int8
 from unetseg.metrics import confusion_matrix, mean_iou, pixel_accuracy
-from unetseg.model import model_from_config
+from unetseg.model import model_from_checkpoint
 from unetseg.runtime import InferenceModel, prepare_model_for_inference, set_threads
 
 
@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt_path = Path(args.checkpoint)
     state = load_checkpoint(ckpt_path)
-    model = model_from_config(state["model_config"])
-    model.load_state_dict(state["model"])
-    model.eval()
+    model = model_from_checkpoint(state).eval()  # with the run's logit_bias, as predict uses it
     pre = state.get("preprocess") or {}
     size = tuple(pre.get("size") or (96, 128))
     data = load_dataset(args.data, size=size, resize_mode=pre.get("resize_mode", "default"), progress=False)

@@ -131,3 +131,42 @@ def test_predictor_batches_mixed_sizes_in_order(tmp_path: Path) -> None:
     masks = p.predict(images)
     assert [m.shape for m in masks] == [(16, 20)] * 3 + [(24, 20), (16, 20)]
     assert all((m == 9).all() for m in masks)
+
+
+def test_checkpoint_logit_bias_is_applied_by_every_consumer(labelled: Path, tmp_path: Path) -> None:
+    # The model says Road (bias 5); a logit_bias of -6 on Road and +0 elsewhere must flip it to class 0 ...
+    ckpt = constant_checkpoint(tmp_path / "c.pt", cls=7)
+    state = torch.load(ckpt, weights_only=True)
+    bias = [0.0] * 23
+    bias[7], bias[1] = -6.0, 0.5  # ... and then to Building, the largest remaining logit
+    state["logit_bias"] = bias
+    save_checkpoint(state, tmp_path / "biased.pt")
+    p = Predictor(tmp_path / "biased.pt")
+    assert (p.predict([np.zeros((16, 20, 3), np.uint8)])[0] == 1).all()
+    r = evaluate(tmp_path / "biased.pt", labelled, progress=False)
+    assert r["per_class_iou"]["Building"] == pytest.approx(300 / 2400)
+    state["logit_bias"] = [0.0] * 5
+    save_checkpoint(state, tmp_path / "bad.pt")
+    with pytest.raises(UnetsegError, match="logit_bias has 5 values for 23 classes"):
+        Predictor(tmp_path / "bad.pt")
+
+
+def test_tta_averages_the_logits_of_the_mirror_image(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("lab", base_filters=4, depth=2, n_classes=3)
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config,
+                     "classes": generic_classes(3).to_dict(), "preprocess": {"size": None}}, tmp_path / "m.pt")
+    image = np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    plain = Predictor(tmp_path / "m.pt", precision="fp32")
+    tta = Predictor(tmp_path / "m.pt", precision="fp32", tta=True)
+    mirrored = plain.logits([image[:, ::-1].copy()], (16, 24)).flip(-1)
+    expected = (plain.logits([image], (16, 24)) + mirrored) / 2
+    assert not torch.allclose(plain.logits([image], (16, 24)), expected, atol=1e-4)  # the mirror differs
+    torch.testing.assert_close(tta.logits([image], (16, 24)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_tta_flag_reaches_evaluate(labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = constant_checkpoint(tmp_path / "c.pt", cls=7)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(labelled), "--json", "--tta"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tta"] is True and out["pixel_accuracy"] == pytest.approx(1700 / 2400)

@@ -50,7 +50,8 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "overrides, message",
     [({"epochs": 0}, "--epochs 0"), ({"lr": -1.0}, "--lr"), ({"wings": 3}, "unknown setting"),
-     ({"recipe": "fast"}, "unknown recipe"), ({"val_fraction": 1.0}, "--val-fraction")],
+     ({"recipe": "fast"}, "unknown recipe"), ({"val_fraction": 1.0}, "--val-fraction"),
+     ({"prior_correction": 1.5}, "prior_correction"), ({"class_weight_clip": 0.5}, "class_weight_clip")],
 )
 def test_bad_settings_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(UnetsegError, match=message):
@@ -109,6 +110,25 @@ def test_short_training_learns_and_writes_run_files(scenes: Path, tmp_path: Path
     state = torch.load(out / "best.pt", weights_only=True)
     assert state["model_config"]["arch"] == arch and len(state["classes"]["names"]) == 23
     assert state["preprocess"]["size"] == size
+
+
+@pytest.mark.slow
+def test_weighted_run_stores_its_prior_correction(scenes: Path, tmp_path: Path) -> None:
+    from unetseg.losses import class_weights
+
+    out = tmp_path / "run"
+    train(**{**TINY_TRAIN, "data": str(scenes), "out": str(out), "epochs": 1, "class_weighting": "sqrt_inverse",
+             "prior_correction": 0.5})
+    state = load_checkpoint(out / "last.pt")
+    split = json.loads((out / "split.json").read_text())
+    data = load_dataset(scenes, size=tuple(state["preprocess"]["size"]), resize_mode="lab", progress=False)
+    w = class_weights(data.subset(split["train_idx"]).masks, 23, "sqrt_inverse")
+    expected = torch.where(w > 0, -0.5 * w.clamp(min=1e-12).log(), torch.zeros(23))
+    torch.testing.assert_close(torch.tensor(state["logit_bias"]), expected)
+    assert expected.min() < 0 < expected.max()  # common classes pushed up, rare ones down
+    unweighted = tmp_path / "plain"
+    train(**{**TINY_TRAIN, "data": str(scenes), "out": str(unweighted), "epochs": 1, "prior_correction": 0.5})
+    assert "logit_bias" not in load_checkpoint(unweighted / "last.pt")  # nothing to correct without weights
 
 
 @pytest.mark.slow

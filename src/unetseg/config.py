@@ -66,6 +66,7 @@ class TrainConfig:
     loss: str = "ce"  # ce | ce+dice
     class_weighting: str = "none"  # none | sqrt_inverse (from training-set pixel shares)
     class_weight_clip: float = 10.0  # class weights stay within [median/clip, median*clip]
+    prior_correction: float = 0.0  # share of log(class weight) taken off the logits at prediction (0: none)
     # execution
     seed: int = 0
     deterministic: bool = False
@@ -132,6 +133,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.schedule in ("constant", "onecycle", "cosine"), f"schedule {cfg.schedule!r} is unknown"),
         (cfg.loss in ("ce", "ce+dice"), f"loss {cfg.loss!r} must be ce or ce+dice"),
         (cfg.class_weighting in ("none", "sqrt_inverse"), f"class_weighting {cfg.class_weighting!r} is unknown"),
+        (0 <= cfg.prior_correction <= 1, f"prior_correction {cfg.prior_correction} must be in [0, 1]"),
         (cfg.class_weight_clip >= 1, f"class_weight_clip {cfg.class_weight_clip} must be at least 1"),
         (cfg.resize_mode in ("lab", "default"), f"resize_mode {cfg.resize_mode!r} must be lab or default"),
         (cfg.precision in ("auto", "fp32", "bf16"), f"--precision {cfg.precision!r} must be auto, fp32 or bf16"),

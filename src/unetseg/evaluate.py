@@ -29,12 +29,12 @@ from .predict import Predictor
 def evaluate(
     checkpoint: str | Path, data: str | Path, out_dir: str | Path | None = None, batch_size: int = 16,
     precision: str = "auto", layout: str = "auto", threads: int | None = None, split: str | None = None,
-    progress: bool = True, palette: str | Path | None = None,
+    progress: bool = True, palette: str | Path | None = None, tta: bool = False,
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on the image/mask folder ``data``.
 
     ``split="val"`` scores only the frames the checkpoint's run held out for validation; ``palette`` maps
-    colour masks to class ids (as in training). Returns
+    colour masks to class ids (as in training); ``tta`` adds mirrored-image test-time augmentation. Returns
     ``{"pixel_accuracy", "mean_iou", "per_class_iou": {name: IoU or None}, "classes_present",
     "frames", "confusion_matrix", ...}``; with ``out_dir``, also writes ``metrics.json`` and ``confusion.png``.
     """
@@ -42,7 +42,7 @@ def evaluate(
     from .data.layouts import palette_or_none
 
     state = load_checkpoint(checkpoint)
-    predictor = Predictor(state, precision=precision, threads=threads, batch_size=batch_size)
+    predictor = Predictor(state, precision=precision, threads=threads, batch_size=batch_size, tta=tta)
     pairs, found_layout = find_pairs(data, layout)
     palette = palette_or_none(palette)  # parse the file once, not per mask
     if split is not None:
@@ -79,7 +79,7 @@ def evaluate(
         bar.close()
     result = metrics_dict(cm, predictor.classes.names)
     result.update(frames=len(pairs), checkpoint=str(checkpoint), data=str(data), split=split,
-                  precision=predictor.precision)
+                  precision=predictor.precision, tta=tta)
     if out_dir is not None:
         from .visualize import plot_confusion
 

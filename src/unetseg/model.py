@@ -384,6 +384,35 @@ def model_from_config(config: dict) -> nn.Module:
     return build_model(config.pop("arch"), **config)
 
 
+def logits_layer(model: nn.Module) -> nn.Conv2d:
+    """The 1x1 convolution that produces the logits (``conv10`` of the lab U-Net, ``head`` of the paper's)."""
+    layer = getattr(model, "conv10", None) or getattr(model, "head", None)
+    if not isinstance(layer, nn.Conv2d):
+        raise UnetsegError(f"{type(model).__name__} has no 1x1 logits layer (conv10 or head)")
+    return layer
+
+
+def model_from_checkpoint(state: dict) -> nn.Module:
+    """The inference model of a checkpoint: weights loaded, ``logit_bias`` (if any) folded into the logits layer.
+
+    A run trained with class-weighted loss stores ``logit_bias`` ``(C,)`` = ``-prior_correction * log(weight)``:
+    adding it to the logits undoes that share of the weighting's shift towards rare classes. Folding it into
+    the 1x1 head's bias makes every path (eager, bf16, ONNX, int8) predict with it at no cost.
+    """
+    model = model_from_config(state["model_config"])
+    model.load_state_dict(state["model"])
+    bias = state.get("logit_bias")
+    if bias is not None:
+        head = logits_layer(model)
+        bias = torch.as_tensor(bias, dtype=head.bias.dtype)
+        if bias.shape != head.bias.shape:
+            raise UnetsegError(f"checkpoint logit_bias has {bias.numel()} values for {head.bias.numel()} classes: "
+                               "the file is inconsistent")
+        with torch.no_grad():
+            head.bias += bias
+    return model
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

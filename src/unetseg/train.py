@@ -93,8 +93,12 @@ def validate(
     precision: str,
     device: torch.device,
     batch_size: int = 16,
+    logit_bias: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Plain CE loss, pixel accuracy and mIoU of ``model`` on uint8 ``images (N, 3, H, W)``, ``masks (N, H, W)``."""
+    """Plain CE loss, pixel accuracy and mIoU of ``model`` on uint8 ``images (N, 3, H, W)``, ``masks (N, H, W)``.
+
+    ``logit_bias`` ``(C,)`` is added to the logits first, as the checkpoint's inference model does.
+    """
     was_training = model.training
     model.eval()
     cm = torch.zeros(n_classes, n_classes, dtype=torch.long)
@@ -106,6 +110,8 @@ def validate(
         with autocast(precision, device):
             logits = forward_full(model, x)
         logits = logits.float()
+        if logit_bias is not None:
+            logits = logits + logit_bias.to(logits.device).view(1, -1, 1, 1)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         cm += confusion_matrix(logits.argmax(1), y, n_classes).cpu()
     model.train(was_training)
@@ -135,6 +141,7 @@ class _Run:
     steps_per_epoch: int
     preprocess: dict[str, Any]
     class_pixels: torch.Tensor  # (C,) training-set pixel count per class
+    logit_bias: torch.Tensor | None  # (C,) added to the logits at prediction (prior correction)
 
 
 def _check_sizes(cfg: TrainConfig, frame_size: tuple[int, int]) -> None:
@@ -222,6 +229,12 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
     class_pixels = torch.bincount(train_masks.reshape(-1).long(), minlength=n_classes)[:n_classes]
     weights = class_weights(train_masks, n_classes, cfg.class_weighting, cfg.class_weight_clip).to(device)
     loss_fn = make_loss(cfg.loss, n_classes, None if cfg.class_weighting == "none" else weights)
+    logit_bias = None
+    if cfg.class_weighting != "none" and cfg.prior_correction > 0:
+        # Weighted CE learns log-odds shifted by log(weight); removing part of that shift trades some of the
+        # rare classes' recall for far fewer false positives (RESULTS.md). Classes never seen keep 0.
+        logit_bias = torch.where(weights > 0, -cfg.prior_correction * weights.clamp(min=1e-12).log(),
+                                 torch.zeros_like(weights)).cpu()
     preprocess = {
         "size": list(data.size), "resize_mode": cfg.resize_mode, "scale": 1 / 255, "layout": data.layout,
     }
@@ -230,7 +243,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
         train_images=data.images.index_select(0, tr), train_masks=train_masks,
         val_images=data.images.index_select(0, va), val_masks=data.masks.index_select(0, va), split=split,
         model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, steps_per_epoch=steps,
-        preprocess=preprocess, class_pixels=class_pixels,
+        preprocess=preprocess, class_pixels=class_pixels, logit_bias=logit_bias,
     )
 
 
@@ -318,6 +331,8 @@ def _checkpoint_state(run: _Run, epoch: int, best: float, history: list, for_res
         "val_names": list(run.split.val_names),
         "unetseg_version": unetseg_version,
     }
+    if run.logit_bias is not None:
+        state["logit_bias"] = run.logit_bias.tolist()
     if for_resume:
         state["optimizer"] = run.optimizer.state_dict()
         state["scheduler"] = run.scheduler.state_dict() if run.scheduler is not None else None
@@ -367,7 +382,8 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
         nan = float("nan")
         val = {"loss": nan, "accuracy": nan, "miou": nan}
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            val = validate(model, run.val_images, run.val_masks, n_classes, run.precision, run.device)
+            val = validate(model, run.val_images, run.val_masks, n_classes, run.precision, run.device,
+                           logit_bias=run.logit_bias)
         seconds = time.perf_counter() - t0
         row = {
             "epoch": epoch, "train_loss": loss_sum.item() / seen, "train_accuracy": correct / pixels,
