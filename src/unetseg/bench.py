@@ -287,7 +287,9 @@ def _train_step_fn() -> tuple[Callable[..., Any], str]:
 
 def _make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     """Adam as the lab recipe builds it (lr 1e-3, Keras' epsilon 1e-7)."""
-    return torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
+    from .train import make_optimizer
+
+    return make_optimizer("adam", model, lr=1e-3)
 
 
 def auto_decisions(

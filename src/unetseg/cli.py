@@ -120,10 +120,11 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     import os
 
+    from .runtime import machine_is_busy
+
     # On a busy machine torch's spinning OpenMP threads starve the one doing the work (BENCHMARKS.md).
     # OpenMP reads OMP_WAIT_POLICY when torch loads, and `import unetseg` has loaded torch by now, so say it.
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1)
-    if busy and "OMP_WAIT_POLICY" not in os.environ and (args.threads or os.cpu_count() or 1) > 1:
+    if machine_is_busy() and "OMP_WAIT_POLICY" not in os.environ and (args.threads or os.cpu_count() or 1) > 1:
         print("note: this machine is busy; run as `OMP_WAIT_POLICY=PASSIVE unetseg benchmark ...` (or with "
               "--threads 1 --clock cpu) so torch's OpenMP threads are not measured fighting for cores",
               file=sys.stderr)

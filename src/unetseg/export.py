@@ -48,6 +48,7 @@ from torch import nn
 
 from .errors import UnetsegError
 from .model import ConvTranspose2dSame
+from .runtime import machine_is_busy
 
 __all__ = [
     "ConvTransposeAsConvShuffle",
@@ -374,7 +375,7 @@ class OnnxPredictor:
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # ORT warns about every QDQ pair it leaves unfused; that is noise
         if spin is None:
-            spin = not (hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1))
+            spin = not machine_is_busy()
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.spin = spin
         self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])

@@ -57,6 +57,16 @@ def class_weights(
     return weights.float()
 
 
+def prior_correction_bias(weights: torch.Tensor, strength: float) -> torch.Tensor:
+    """Logit bias ``(C,)`` that takes back ``strength`` (0-1) of a class weighting's shift at prediction.
+
+    Cross-entropy weighted by ``w`` learns log-odds shifted by ``log(w_c)``, so the model predicts rare
+    classes too often; adding ``-strength * log(w_c)`` to the logits trades some of their recall for far
+    fewer false positives (RESULTS.md). Classes with weight 0 (never seen in training) get 0.
+    """
+    return torch.where(weights > 0, -strength * weights.clamp(min=1e-12).log(), torch.zeros_like(weights))
+
+
 def make_loss(name: str, n_classes: int, weight: torch.Tensor | None = None) -> LossFn:
     """``ce`` (the lab) or ``ce+dice``; ``weight`` applies to the cross-entropy term."""
     if name == "ce":

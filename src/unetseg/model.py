@@ -384,9 +384,13 @@ def model_from_config(config: dict) -> nn.Module:
     return build_model(config.pop("arch"), **config)
 
 
+#: Attribute names of the 1x1 logits layer: ``conv10`` of the lab U-Net, ``head`` of the paper's.
+LOGITS_LAYER_NAMES = ("conv10", "head")
+
+
 def logits_layer(model: nn.Module) -> nn.Conv2d:
-    """The 1x1 convolution that produces the logits (``conv10`` of the lab U-Net, ``head`` of the paper's)."""
-    layer = getattr(model, "conv10", None) or getattr(model, "head", None)
+    """The 1x1 convolution that produces the logits (see ``LOGITS_LAYER_NAMES``)."""
+    layer = next((getattr(model, n) for n in LOGITS_LAYER_NAMES if hasattr(model, n)), None)
     if not isinstance(layer, nn.Conv2d):
         raise UnetsegError(f"{type(model).__name__} has no 1x1 logits layer (conv10 or head)")
     return layer

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import UnetsegError
+from .model import LOGITS_LAYER_NAMES
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -86,6 +87,12 @@ def set_threads(threads: int | None) -> int:
             raise UnetsegError(f"--threads {threads} must be at least 1")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def machine_is_busy() -> bool:
+    """Whether the 1-minute load average is already >= 0.75 x the cores: then spinning thread pools
+    (OpenMP, ONNX Runtime) starve the thread doing the work (BENCHMARKS.md, "OpenMP under load")."""
+    return hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1)
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
@@ -215,10 +222,6 @@ class _Fp32Head(torch.nn.Module):
         return self.conv(x.float())
 
 
-#: Attribute names of the logits layer in the unetseg models (lab ``UNet``, ``PaperUNet``).
-_HEAD_NAMES = ("conv10", "head")
-
-
 class InferenceModel(torch.nn.Module):
     """A frozen copy of a model on the fastest sound path, for predict/evaluate/benchmark.
 
@@ -256,7 +259,7 @@ class InferenceModel(torch.nn.Module):
             p.requires_grad_(False)
         self.net = net.to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
         if fp32_head and self.dtype != torch.float32:
-            for name in _HEAD_NAMES:
+            for name in LOGITS_LAYER_NAMES:
                 head = getattr(model, name, None)
                 if isinstance(head, torch.nn.Conv2d):
                     fp32 = copy.deepcopy(head).to(self.device, memory_format=self.memory_format).eval()

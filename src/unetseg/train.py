@@ -37,7 +37,7 @@ from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .classes import ClassTable
 from .config import TrainConfig, load_run_config, read_yaml, resolve_config, save_yaml
 from .errors import UnetsegError
-from .losses import LossFn, class_weights, cross_entropy, make_loss
+from .losses import LossFn, class_weights, cross_entropy, make_loss, prior_correction_bias
 from .metrics import confusion_matrix, mean_iou, pixel_accuracy
 from .model import build_model, check_lab_size, crop_like, forward_full, paper_output_size
 from .runtime import (
@@ -168,6 +168,13 @@ def _dataset_root(cfg: TrainConfig, run_dir: Path) -> Path:
     return root
 
 
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """``adam`` with Keras' epsilon 1e-7 (the lab's ``optimizer='adam'``; torch's default is 1e-8), or ``adamw``."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, eps=1e-7, weight_decay=weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
 def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -218,11 +225,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
         cfg.arch, in_channels=3, n_classes=n_classes, base_filters=cfg.base_filters, depth=cfg.depth,
         dropout=cfg.dropout, batch_norm=cfg.batch_norm,
     ).to(device, memory_format=memory_format(device))
-    if cfg.optimizer == "adam":
-        # Keras' Adam epsilon (1e-7), for fidelity to the lab; torch's default is 1e-8.
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=1e-7, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
     steps = math.ceil(len(split.train) / cfg.batch_size)
     scheduler = _make_scheduler(cfg, optimizer, steps * cfg.epochs)
     train_masks = data.masks.index_select(0, tr)
@@ -231,10 +234,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
     loss_fn = make_loss(cfg.loss, n_classes, None if cfg.class_weighting == "none" else weights)
     logit_bias = None
     if cfg.class_weighting != "none" and cfg.prior_correction > 0:
-        # Weighted CE learns log-odds shifted by log(weight); removing part of that shift trades some of the
-        # rare classes' recall for far fewer false positives (RESULTS.md). Classes never seen keep 0.
-        logit_bias = torch.where(weights > 0, -cfg.prior_correction * weights.clamp(min=1e-12).log(),
-                                 torch.zeros_like(weights)).cpu()
+        logit_bias = prior_correction_bias(weights, cfg.prior_correction).cpu()
     preprocess = {
         "size": list(data.size), "resize_mode": cfg.resize_mode, "scale": 1 / 255, "layout": data.layout,
     }
