@@ -25,6 +25,7 @@ from unetseg.runtime import (
     compile_available,
     compile_pays_off,
     cpu_has_native_bf16,
+    flush_denormals,
     prepare_model_for_inference,
     resolve_compile,
 )
@@ -225,3 +226,39 @@ def test_cli_benchmark_options_match_and_run(tmp_path: Path) -> None:
                      "--depth", "2", "--threads", "1", "--modes", "fp32", "--parts", "infer",
                      "--json", str(out)]) == 0
     assert json.loads(out.read_text())["modes"]["fp32"]["infer_images_per_s"] > 0
+
+
+def test_flush_denormals_zeroes_subnormals(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.set_flush_denormal(False)  # earlier tests' predict/train calls turned it on for the process
+    tiny = torch.tensor([1e-39])  # subnormal in fp32 (made after: with flushing on it would be 0 already)
+    assert tiny.item() > 0
+    try:
+        monkeypatch.setenv("UNETSEG_DENORMALS", "keep")
+        assert flush_denormals() is False and (tiny * 1.0).item() > 0
+        monkeypatch.delenv("UNETSEG_DENORMALS")
+        if not flush_denormals():
+            pytest.skip("this CPU cannot flush subnormals (no SSE3)")
+        assert (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_training_optimizers_are_fused_and_match_the_loop() -> None:
+    from unetseg.train import make_optimizer
+
+    torch.manual_seed(0)
+    nets = [build_model("lab", n_classes=3, base_filters=4, depth=2) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for name in ("adam", "adamw"):
+        fused = make_optimizer(name, nets[0], 1e-2, 1e-4)
+        assert fused.defaults["fused"] is True
+        d = fused.defaults
+        loop = type(fused)(nets[1].parameters(), lr=d["lr"], eps=d["eps"], weight_decay=d["weight_decay"])
+        for _ in range(3):
+            for net in nets:
+                for p in net.parameters():
+                    p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32)).view_as(p)
+            fused.step()
+            loop.step()
+        for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -170,3 +170,34 @@ def test_cli_tta_flag_reaches_evaluate(labelled: Path, tmp_path: Path, capsys: p
     assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(labelled), "--json", "--tta"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tta"] is True and out["pixel_accuracy"] == pytest.approx(1700 / 2400)
+
+
+def test_predictor_compiles_only_when_it_pays_off(tmp_path: Path) -> None:
+    from unetseg.runtime import compile_available
+
+    ckpt = constant_checkpoint(tmp_path / "c.pt", cls=7, size=[240, 320])
+    assert not Predictor(ckpt, compile="auto", n_images=50).model.compiled  # 50 frames: compiling costs more
+    assert not Predictor(ckpt, compile="off", n_images=10**6).model.compiled
+    if compile_available(torch.device("cpu"))[0]:
+        assert Predictor(ckpt, compile="auto", n_images=10**6).model.compiled
+
+
+@pytest.mark.slow
+def test_compiled_predictor_matches_eager(tmp_path: Path) -> None:
+    from unetseg.runtime import compile_available
+
+    if not compile_available(torch.device("cpu"))[0]:
+        pytest.skip("torch.compile (inductor) unavailable here")
+    torch.manual_seed(0)
+    model = build_model("lab", base_filters=4, depth=2, n_classes=3)
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config,
+                     "classes": generic_classes(3).to_dict(), "preprocess": {"size": None}}, tmp_path / "m.pt")
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (h, 24, 3), dtype=np.uint8) for h in (16, 16, 16, 32)]  # 3 + 1: padded
+    eager = Predictor(tmp_path / "m.pt", precision="fp32", batch_size=4)
+    compiled = Predictor(tmp_path / "m.pt", precision="fp32", batch_size=4, compile="on")
+    assert compiled.model.compiled and not eager.model.compiled
+    for a, b in zip(eager.predict(images), compiled.predict(images), strict=True):
+        assert a.shape == b.shape and (a == b).mean() >= 0.999
+    torch.testing.assert_close(compiled.logits(images[:3], (16, 24)), eager.logits(images[:3], (16, 24)),
+                               atol=1e-4, rtol=1e-4)

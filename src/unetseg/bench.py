@@ -23,7 +23,8 @@ Modes (``--modes`` takes a comma-separated subset; ``auto`` and ``fp32`` are alw
 
 Process-wide settings the toolkit's commands use are applied to every mode alike and recorded in
 ``settings``: ``runtime.retain_freed_memory()`` (glibc keeps freed activations instead of page-faulting
-fresh ones each step; ``UNETSEG_MALLOC=default`` turns it off) and, set by ``unetseg benchmark`` before
+fresh ones each step; ``UNETSEG_MALLOC=default`` turns it off), ``runtime.flush_denormals()`` (subnormal
+floats as zero, as TensorFlow does; ``UNETSEG_DENORMALS=keep`` turns it off) and, set by ``unetseg benchmark`` before
 torch loads, ``OMP_WAIT_POLICY=PASSIVE`` when the machine is already busy.
 
 GFLOP counts are the convolutions' multiply-adds x 2 (5.02 GFLOP per 96x128 image forward for the lab
@@ -69,6 +70,7 @@ from .runtime import (
     compile_available,
     compile_for_training,
     describe,
+    flush_denormals,
     memory_format,
     pick_device,
     resolve_compile,
@@ -184,6 +186,7 @@ def _rss_probe(
         set_threads(threads)
         dev = torch.device("cpu")
         retain_freed_memory()
+        flush_denormals()
         opts = dict(model_options)
         model = build_model(opts.pop("arch", "lab"), **opts).to(memory_format=torch.channels_last).train()
         opt = _make_optimizer(model, dev)
@@ -499,6 +502,7 @@ def run_benchmark(
     # What unetseg's commands do on a CPU (see runtime.retain_freed_memory); UNETSEG_MALLOC=default turns
     # it off to measure plain PyTorch. It is process-wide, so every mode gets it alike.
     malloc_retained = retain_freed_memory() if dev.type == "cpu" else False
+    denormals_flushed = flush_denormals() if dev.type == "cpu" else False
     opts = dict(model_options or {})
     model = build_model(opts.pop("arch", "lab"), **opts).eval()
     n_classes = int(model.config["n_classes"])
@@ -516,7 +520,7 @@ def run_benchmark(
         "settings": {
             "batch_size": batch_size, "size": list(size), "repeats": repeats, "warmup": warmup,
             "latency_calls": latency_calls, "quick": quick, "modes": modes, "parts": sorted(parts_set),
-            "clock": clock, "malloc_retained": malloc_retained,
+            "clock": clock, "malloc_retained": malloc_retained, "denormals_flushed": denormals_flushed,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "model": model.config,
         },

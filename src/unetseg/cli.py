@@ -86,6 +86,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 TTA_HELP = "also predict the mirror image and average the logits (2x the time, slightly better masks)"
+COMPILE_HELP = ("torch.compile the model (~7 %% faster on a CPU after ~20 s of compiling); auto: only when "
+                "there are enough images to pay that back (thousands of 240x320 frames)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -94,6 +96,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(
         args.checkpoint, args.data, out_dir=args.out, batch_size=args.batch_size, precision=args.precision,
         layout=args.layout, threads=args.threads, split=args.split, palette=args.palette, tta=args.tta,
+        compile=args.compile,
     )
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
@@ -104,7 +107,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     written = predict(
         args.checkpoint, args.inputs, args.out, masks=args.masks, batch_size=args.batch_size,
-        precision=args.precision, threads=args.threads, tta=args.tta,
+        precision=args.precision, threads=args.threads, tta=args.tta, compile=args.compile,
     )
     print(f"wrote predictions for {len(written)} images to {args.out}")
     return 0
@@ -211,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("val",), help="score only the frames the run held out for validation")
     e.add_argument("--palette", help="JSON/CSV name -> RGB for colour masks")
     e.add_argument("--tta", action="store_true", help=TTA_HELP)
+    e.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help=COMPILE_HELP)
     e.set_defaults(func=_cmd_evaluate)
 
     r = sub.add_parser("predict", help="segment images: index PNG, colour mask, overlay (and triplet)")
@@ -222,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     r.add_argument("--threads", type=int)
     r.add_argument("--tta", action="store_true", help=TTA_HELP)
+    r.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help=COMPILE_HELP)
     r.set_defaults(func=_cmd_predict)
 
     b = sub.add_parser("benchmark", help="training and inference speed of every execution path, side by side")

@@ -29,12 +29,13 @@ from .predict import Predictor
 def evaluate(
     checkpoint: str | Path, data: str | Path, out_dir: str | Path | None = None, batch_size: int = 16,
     precision: str = "auto", layout: str = "auto", threads: int | None = None, split: str | None = None,
-    progress: bool = True, palette: str | Path | None = None, tta: bool = False,
+    progress: bool = True, palette: str | Path | None = None, tta: bool = False, compile: str | bool = "auto",
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on the image/mask folder ``data``.
 
     ``split="val"`` scores only the frames the checkpoint's run held out for validation; ``palette`` maps
-    colour masks to class ids (as in training); ``tta`` adds mirrored-image test-time augmentation. Returns
+    colour masks to class ids (as in training); ``tta`` adds mirrored-image test-time augmentation;
+    ``compile`` (``auto``, ``on``, ``off``) is ``torch.compile``, by default only where the set pays for it. Returns
     ``{"pixel_accuracy", "mean_iou", "per_class_iou": {name: IoU or None}, "classes_present",
     "frames", "confusion_matrix", ...}``; with ``out_dir``, also writes ``metrics.json`` and ``confusion.png``.
     """
@@ -42,7 +43,6 @@ def evaluate(
     from .data.layouts import palette_or_none
 
     state = load_checkpoint(checkpoint)
-    predictor = Predictor(state, precision=precision, threads=threads, batch_size=batch_size, tta=tta)
     pairs, found_layout = find_pairs(data, layout)
     palette = palette_or_none(palette)  # parse the file once, not per mask
     if split is not None:
@@ -54,6 +54,8 @@ def evaluate(
         pairs = [p for p in pairs if p.name in keep]
         if not pairs:
             raise UnetsegError(f"{data}: none of the checkpoint's {len(keep)} validation frames are in this folder")
+    predictor = Predictor(state, precision=precision, threads=threads, batch_size=batch_size, tta=tta,
+                          compile=compile, n_images=len(pairs))
     n = predictor.n_classes
     cm = torch.zeros(n, n, dtype=torch.long)
 

@@ -46,20 +46,25 @@ class Predictor:
 
     def __init__(
         self, checkpoint: str | Path | dict[str, Any], precision: str = "auto", device: str = "auto",
-        threads: int | None = None, batch_size: int = 8, tta: bool = False,
+        threads: int | None = None, batch_size: int = 8, tta: bool = False, compile: str | bool = "off",
+        n_images: int = 0,
     ) -> None:
         state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
         set_threads(threads)
         self.device = pick_device(device)
         model = model_from_checkpoint(state)
-        # bf16 weights where the hardware does bf16 natively, channels_last: see unetseg.runtime.
-        self.model = prepare_model_for_inference(model, precision, self.device)
+        self.preprocess = dict(state.get("preprocess") or {})
+        # bf16 weights where the hardware does bf16 natively, channels_last, and torch.compile when
+        # ``compile`` is on, or auto and ``n_images`` pay for it: see unetseg.runtime.
+        self.model = prepare_model_for_inference(
+            model, precision, self.device, compile=compile, n_images=n_images * (2 if tta else 1),
+            batch_size=batch_size, image_size=tuple(self.preprocess.get("size") or (96, 128)),
+        )
         self.precision = self.model.precision
         self.classes = ClassTable.from_dict(state["classes"])
         if len(self.classes) != self.model.config["n_classes"]:
             raise UnetsegError(f"checkpoint names {len(self.classes)} classes but its model outputs "
                                f"{self.model.config['n_classes']}: the file is inconsistent")
-        self.preprocess = dict(state.get("preprocess") or {})
         self.state = state
         self.batch_size = batch_size
         self.tta = tta
@@ -161,18 +166,20 @@ def _true_mask_path(image: Path, masks_dir: Path | None) -> tuple[Path, str] | N
 def predict(
     checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, masks: str | Path | None = None,
     batch_size: int = 8, precision: str = "auto", threads: int | None = None, progress: bool = True,
-    tta: bool = False,
+    tta: bool = False, compile: str | bool = "auto",
 ) -> list[Path]:
     """Segment every input image; write mask, colour, overlay (and triplet) PNGs; return the mask paths.
 
     ``tta=True`` averages each image's logits with those of its mirror image (see ``Predictor.logits``).
+    ``compile``: ``auto`` compiles the model when the number of images pays for it, ``on``, ``off``.
     """
     from .classes import colorize
     from .data import read_image, read_mask
     from .visualize import overlay, save_png, save_triplet
 
-    predictor = Predictor(checkpoint, precision=precision, threads=threads, batch_size=batch_size, tta=tta)
     paths = expand_inputs(inputs)
+    predictor = Predictor(checkpoint, precision=precision, threads=threads, batch_size=batch_size, tta=tta,
+                          compile=compile, n_images=len(paths))
     masks_dir = Path(masks) if masks else None
     if masks_dir is not None and not masks_dir.is_dir():
         raise UnetsegError(f"{masks_dir}: --masks folder not found")

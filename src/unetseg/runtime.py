@@ -125,13 +125,14 @@ def describe(device: torch.device, precision: str) -> dict:
 #: cache, and the fraction of each call's time that the compiled code saves over the eager path it
 #: replaces. On that CPU a compiled bf16 *training* step was ~15 % slower than eager (its convolutions are
 #: the same oneDNN calls and inductor's other kernels were slower), so compiling never pays for CPU
-#: training; compiled inference (weights frozen) was 1-2 % faster at batch 32 (12 % lower single-image
-#: latency). The CUDA figures are typical ones, not measured here. ``compile_pays_off`` weighs them
+#: training; compiled inference (weights frozen) was 7-8 % faster at batch 32 on the quiet machine (1-2 %
+#: under heavy load; 15-30 % lower single-image latency) and its first call took 18.6 s with an empty
+#: inductor cache. The CUDA figures are typical ones, not measured here. ``compile_pays_off`` weighs them
 #: against a run's length.
-COMPILE_COST_S = {"train": 150.0, "infer": 60.0}
+COMPILE_COST_S = {"train": 150.0, "infer": 20.0}
 COMPILE_SAVING = {
     ("cpu", "train"): 0.0,
-    ("cpu", "infer"): 0.02,
+    ("cpu", "infer"): 0.07,
     ("cuda", "train"): 0.20,
     ("cuda", "infer"): 0.25,
 }
@@ -302,6 +303,7 @@ def prepare_model_for_inference(
     compile: str | bool = "off",
     n_images: int = 0,
     batch_size: int | None = None,
+    image_size: tuple[int, int] = (96, 128),
 ) -> InferenceModel:
     """The model on its fastest numerically sound inference path (see ``InferenceModel``).
 
@@ -311,23 +313,41 @@ def prepare_model_for_inference(
         device: where to run.
         compile: ``auto`` (only when ``n_images`` is enough to pay for compiling), ``on`` or ``off``.
         n_images: how many images the caller will run, for ``compile="auto"``.
+        image_size: their ``(H, W)`` in pixels (the eager time estimate scales with it).
         batch_size: the caller's batch size; compiled models pad smaller batches to it.
 
-    On the CPU it also calls ``retain_freed_memory()`` (process-wide). bf16 is as exact as autocast: on
-    a small trained model argmax agrees with fp32 eager on >= 99.9 % of pixels (tests/test_bench.py); on
-    a lab checkpoint whose logits reach +-200, on 99.81 % with unchanged mIoU (BENCHMARKS.md). Use
-    ``precision="fp32"`` for fp32-identical masks.
+    On the CPU it also calls ``retain_freed_memory()`` and ``flush_denormals()`` (process-wide). bf16 is as
+    exact as autocast: on a small trained model argmax agrees with fp32 eager on >= 99.9 % of pixels
+    (tests/test_bench.py); on a lab checkpoint whose logits reach +-200, on 99.81 % with unchanged mIoU
+    (BENCHMARKS.md). Use ``precision="fp32"`` for fp32-identical masks.
     """
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     if device.type == "cpu":
         retain_freed_memory()  # ~20 % of a CPU batch is page faults on fresh activations otherwise
-    # Rough eager time for the compile decision: the lab model runs ~75 img/s per core in bf16 (BENCHMARKS.md).
-    compiled = resolve_compile(compile, "infer", n_images / 75.0, device)
+        flush_denormals()
+    # Rough eager time for the compile decision: the lab model runs ~75 96x128 images/s per core in bf16
+    # (BENCHMARKS.md), and its cost grows with the pixel count.
+    pixels = image_size[0] * image_size[1] / (96 * 128)
+    compiled = resolve_compile(compile, "infer", n_images * pixels / 75.0, device)
     return InferenceModel(model, precision, device, compiled=compiled, batch_size=batch_size)
 
 
 _ALLOCATOR_TUNED: bool | None = None
+
+
+def flush_denormals() -> bool:
+    """Treat subnormal floats (below 1.2e-38) as zero in CPU arithmetic (FTZ/DAZ), as TensorFlow does; True
+    if applied.
+
+    Adam's second-moment estimate of a tiny gradient (|g| < 1e-19) is subnormal, and x86 CPUs handle
+    subnormal operands in microcode, tens of times slower: without this, the lab model's Adam update cost
+    ~30 % of a bf16 training step's time here (BENCHMARKS.md). Flushing them changes a weight by at most
+    lr * 1e-12. Process-wide; ``UNETSEG_DENORMALS=keep`` leaves the CPU as it is. Idempotent.
+    """
+    if os.environ.get("UNETSEG_DENORMALS", "") == "keep":
+        return False
+    return bool(torch.set_flush_denormal(True))
 
 
 def retain_freed_memory() -> bool:
