@@ -21,7 +21,7 @@ from unetseg.config import resolve_config
 from unetseg.data import load_dataset
 from unetseg.errors import UnetsegError
 from unetseg.model import build_model, forward_full
-from unetseg.train import resume, train
+from unetseg.train import resume, train, train_step
 
 
 def _history(run: Path) -> list[dict[str, str]]:
@@ -131,6 +131,34 @@ def test_weighted_run_stores_its_prior_correction(scenes: Path, tmp_path: Path) 
     assert "logit_bias" not in load_checkpoint(unweighted / "last.pt")  # nothing to correct without weights
 
 
+def test_grad_clip_bounds_the_step() -> None:
+    torch.manual_seed(0)
+    model = build_model("lab", n_classes=3, base_filters=4, depth=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    train_step(model, sgd, x, y, "fp32", torch.device("cpu"), grad_clip=1e-3)
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before, strict=True)))
+    assert 0 < moved <= 1e-3 * 1.001  # SGD at lr 1 moves the weights by exactly the clipped gradient
+
+
+@pytest.mark.slow
+def test_ema_run_validates_and_saves_the_average(scenes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ema"
+    summary = train(**{**TINY_TRAIN, "ema": 0.5, "split_seed": 3, "seed": 1}, data=str(scenes), out=str(out))
+    best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
+    assert "train_model" not in best and "train_model" in last
+    assert last["ema_updates"] > 1
+    # The average lags the trained weights, and best.pt (what evaluate/predict load) holds the average.
+    assert any(not torch.equal(last["model"][k], last["train_model"][k]) for k in last["model"])
+    assert summary["best_miou"] == best["best_miou"]
+    # split_seed fixes the split whatever the training seed.
+    other = train(**{**TINY_TRAIN, "epochs": 1, "split_seed": 3, "seed": 2}, data=str(scenes),
+                  out=str(tmp_path / "other"))
+    split = lambda run: json.loads((Path(run) / "split.json").read_text())  # noqa: E731
+    assert split(out) == split(other["run_dir"])
+
+
 @pytest.mark.slow
 def test_refuses_to_overwrite_a_run(scenes: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -192,10 +220,11 @@ def _train_cmd(data: Path, out: Path, cfg: Path, epochs: int) -> list[str]:
 @pytest.mark.slow
 def test_kill_and_resume_gives_identical_weights(scenes: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "tiny.yaml"
-    # Augmentation and dropout on: resuming must restore both their random streams.
+    # Augmentation and dropout on: resuming must restore both their random streams; the weight average
+    # (ema) must come back too.
     cfg.write_text(yaml.safe_dump({
         "recipe": "default", "base_filters": 8, "depth": 2, "size": [48, 64], "crop": [32, 48],
-        "batch_size": 4, "precision": "fp32", "dropout": 0.3, "lr": 0.002,
+        "batch_size": 4, "precision": "fp32", "dropout": 0.3, "lr": 0.002, "ema": 0.9, "grad_clip": 1.0,
     }))
     epochs = 8
     straight = tmp_path / "straight"
@@ -219,7 +248,8 @@ def test_kill_and_resume_gives_identical_weights(scenes: Path, tmp_path: Path) -
     a = load_checkpoint(straight / "last.pt")
     b = load_checkpoint(killed / "last.pt")
     assert a["epoch"] == b["epoch"] == epochs
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for key in ("model", "train_model"):  # the weight average and the weights being trained
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
     assert len(_history(killed)) == epochs
 
@@ -273,3 +303,15 @@ def test_training_decodes_each_file_once(scenes: Path, tmp_path: Path) -> None:
     train(**{**TINY_TRAIN, "data": str(scenes), "out": str(tmp_path / "run"), "epochs": 3})
     # 40 images + 40 masks, decoded once at load; epochs 2 and 3 read only the in-memory tensors.
     assert layouts.DECODE_COUNT - before == 80
+
+
+def test_ema_decay_warms_up() -> None:
+    from unetseg.train import _ema_update
+
+    update = _ema_update(0.99)
+    avg, cur = [torch.zeros(3)], [torch.ones(3)]
+    update(avg, cur, torch.tensor(1))  # after 1 update: decay (1+1)/(10+1) = 0.18, not 0.99
+    torch.testing.assert_close(avg[0], torch.full((3,), 1 - 2 / 11))
+    avg = [torch.zeros(3)]
+    update(avg, cur, torch.tensor(10_000))  # long after: the full decay
+    torch.testing.assert_close(avg[0], torch.full((3,), 0.01))

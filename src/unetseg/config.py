@@ -67,8 +67,11 @@ class TrainConfig:
     class_weighting: str = "none"  # none | sqrt_inverse (from training-set pixel shares)
     class_weight_clip: float = 10.0  # class weights stay within [median/clip, median*clip]
     prior_correction: float = 0.0  # share of log(class weight) taken off the logits at prediction (0: none)
+    grad_clip: float = 0.0  # clip the global gradient norm to this before each step (0: off)
+    ema: float = 0.0  # per-step decay of a moving average of the weights, which validation and best.pt use (0: off)
     # execution
     seed: int = 0
+    split_seed: int | None = None  # seed of the train/val split (None: seed), to compare seeds on one split
     deterministic: bool = False
     precision: str = "auto"  # auto | fp32 | bf16
     threads: int | None = None
@@ -134,6 +137,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.loss in ("ce", "ce+dice"), f"loss {cfg.loss!r} must be ce or ce+dice"),
         (cfg.class_weighting in ("none", "sqrt_inverse"), f"class_weighting {cfg.class_weighting!r} is unknown"),
         (0 <= cfg.prior_correction <= 1, f"prior_correction {cfg.prior_correction} must be in [0, 1]"),
+        (cfg.grad_clip >= 0, f"grad_clip {cfg.grad_clip} must be >= 0 (0: off)"),
+        (0 <= cfg.ema < 1, f"ema {cfg.ema} must be in [0, 1) (0: off; e.g. 0.995)"),
         (cfg.class_weight_clip >= 1, f"class_weight_clip {cfg.class_weight_clip} must be at least 1"),
         (cfg.resize_mode in ("lab", "default"), f"resize_mode {cfg.resize_mode!r} must be lab or default"),
         (cfg.precision in ("auto", "fp32", "bf16"), f"--precision {cfg.precision!r} must be auto, fp32 or bf16"),
