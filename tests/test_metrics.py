@@ -75,3 +75,19 @@ def test_make_loss_combines_terms() -> None:
     logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
     both = make_loss("ce+dice", 3)(logits, target)
     assert both.item() == pytest.approx((cross_entropy(logits, target) + dice_loss(logits, target)).item())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_is_the_same_on_channels_last_logits(weighted: bool) -> None:
+    torch.manual_seed(0)
+    base = torch.randn(2, 5, 6, 7)
+    target = torch.randint(0, 5, (2, 6, 7))
+    weight = torch.rand(5) + 0.5 if weighted else None
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        logits = base.clone().contiguous(memory_format=fmt).requires_grad_(True)
+        loss = cross_entropy(logits, target, weight)
+        loss.backward()
+        results.append((loss.detach(), logits.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

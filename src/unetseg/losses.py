@@ -22,6 +22,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse categorical cross-entropy on logits (the lab's loss), optionally class-weighted."""
+    if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
+        # channels_last logits are (N, H, W, C) in memory: scored as N*H*W rows of C classes, the softmax
+        # runs along contiguous memory and neither pass converts the layout (same value, same gradient).
+        flat = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+        return F.cross_entropy(flat.float(), target.reshape(-1), weight=weight)
     return F.cross_entropy(logits.float(), target, weight=weight)
 
 
