@@ -180,6 +180,9 @@ def test_predictor_compiles_only_when_it_pays_off(tmp_path: Path) -> None:
     assert not Predictor(ckpt, compile="off", n_images=10**6).model.compiled
     if compile_available(torch.device("cpu"))[0]:
         assert Predictor(ckpt, compile="auto", n_images=10**6).model.compiled
+    # Without a fixed input size every new image size would compile again: auto stays eager.
+    any_size = constant_checkpoint(tmp_path / "any.pt", cls=7, size=None)
+    assert not Predictor(any_size, compile="auto", n_images=10**6).model.compiled
 
 
 @pytest.mark.slow

@@ -54,6 +54,8 @@ class Predictor:
         self.device = pick_device(device)
         model = model_from_checkpoint(state)
         self.preprocess = dict(state.get("preprocess") or {})
+        if compile == "auto" and not self.preprocess.get("size"):
+            compile = "off"  # images keep their own sizes, and each new size would compile again
         # bf16 weights where the hardware does bf16 natively, channels_last, and torch.compile when
         # ``compile`` is on, or auto and ``n_images`` pay for it: see unetseg.runtime.
         self.model = prepare_model_for_inference(
