@@ -88,7 +88,7 @@ class Predictor:
         """Float32 logits ``(N, C, *out_size)`` for same-size HWC uint8 ``images``.
 
         With ``tta``, the mean of the logits of each image and of its mirror image (mirrored back): twice the
-        compute; on held-out CARLA runs -0.5 to +0.6 mIoU points, a gain on 9 of 12 (RESULTS.md).
+        compute; on held-out CARLA runs -0.5 to +0.6 mIoU points, a gain on 10 of 13 (RESULTS.md).
         """
         x = torch.from_numpy(np.stack([self._prepare(im) for im in images])).permute(0, 3, 1, 2)
         x = x.to(self.device).float().div_(255)
