@@ -35,6 +35,15 @@ def constant_checkpoint(path: Path, cls: int, n_classes: int = 23, size: list[in
     return path
 
 
+def random_checkpoint(path: Path) -> Path:
+    """A checkpoint of a small, randomly initialised (seed 0) 3-class lab U-Net for images of any size."""
+    torch.manual_seed(0)
+    model = build_model("lab", base_filters=4, depth=2, n_classes=3)
+    save_checkpoint({"model": model.state_dict(), "model_config": model.config,
+                     "classes": generic_classes(3).to_dict(), "preprocess": {"size": None}}, path)
+    return path
+
+
 def write_carla(root: Path, masks: dict[str, np.ndarray]) -> Path:
     (root / "CameraRGB").mkdir(parents=True)
     (root / "CameraMask").mkdir()
@@ -152,10 +161,7 @@ def test_checkpoint_logit_bias_is_applied_by_every_consumer(labelled: Path, tmp_
 
 
 def test_tta_averages_the_logits_of_the_mirror_image(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = build_model("lab", base_filters=4, depth=2, n_classes=3)
-    save_checkpoint({"model": model.state_dict(), "model_config": model.config,
-                     "classes": generic_classes(3).to_dict(), "preprocess": {"size": None}}, tmp_path / "m.pt")
+    random_checkpoint(tmp_path / "m.pt")
     image = np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)
     plain = Predictor(tmp_path / "m.pt", precision="fp32")
     tta = Predictor(tmp_path / "m.pt", precision="fp32", tta=True)
@@ -191,10 +197,7 @@ def test_compiled_predictor_matches_eager(tmp_path: Path) -> None:
 
     if not compile_available(torch.device("cpu"))[0]:
         pytest.skip("torch.compile (inductor) unavailable here")
-    torch.manual_seed(0)
-    model = build_model("lab", base_filters=4, depth=2, n_classes=3)
-    save_checkpoint({"model": model.state_dict(), "model_config": model.config,
-                     "classes": generic_classes(3).to_dict(), "preprocess": {"size": None}}, tmp_path / "m.pt")
+    random_checkpoint(tmp_path / "m.pt")
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (h, 24, 3), dtype=np.uint8) for h in (16, 16, 16, 32)]  # 3 + 1: padded
     eager = Predictor(tmp_path / "m.pt", precision="fp32", batch_size=4)

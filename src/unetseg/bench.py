@@ -189,7 +189,7 @@ def _rss_probe(
         flush_denormals()
         opts = dict(model_options)
         model = build_model(opts.pop("arch", "lab"), **opts).to(memory_format=torch.channels_last).train()
-        opt = _make_optimizer(model, dev)
+        opt = _make_optimizer(model)
         step_fn, _ = _train_step_fn()
         cin = int(model.config["in_channels"])
         images = torch.rand(batch, cin, *size).contiguous(memory_format=torch.channels_last)
@@ -288,7 +288,7 @@ def _train_step_fn() -> tuple[Callable[..., Any], str]:
     return train_step, "unetseg.train.train_step"
 
 
-def _make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+def _make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     """Adam as the lab recipe builds it (lr 1e-3, Keras' epsilon 1e-7)."""
     from .train import make_optimizer
 
@@ -373,7 +373,7 @@ def _torch_subject(name: str, s: _Setup, auto: dict[str, Any], parts: set[str]) 
     step_fn, step_name = _train_step_fn()
     if "train" in parts:
         model = copy.deepcopy(s.model).to(dev, memory_format=mf).train()
-        opt = _make_optimizer(model, dev)
+        opt = _make_optimizer(model)
         runner = compile_for_training(model) if compile_train else model
         images = s.images.contiguous(memory_format=mf)
 

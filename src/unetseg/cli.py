@@ -86,7 +86,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 TTA_HELP = "also predict the mirror image and average the logits (2x the time, slightly better masks)"
-COMPILE_HELP = ("torch.compile the model (~7 %% faster on a CPU after ~20 s of compiling); auto: only when "
+COMPILE_HELP = ("torch.compile the model (4-8 %% faster on a CPU after ~20 s of compiling); auto: only when "
                 "there are enough images to pay that back (thousands of 240x320 frames)")
 
 

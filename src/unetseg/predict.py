@@ -54,13 +54,12 @@ class Predictor:
         self.device = pick_device(device)
         model = model_from_checkpoint(state)
         self.preprocess = dict(state.get("preprocess") or {})
-        if compile == "auto" and not self.preprocess.get("size"):
-            compile = "off"  # images keep their own sizes, and each new size would compile again
+        size = self.preprocess.get("size")
         # bf16 weights where the hardware does bf16 natively, channels_last, and torch.compile when
         # ``compile`` is on, or auto and ``n_images`` pay for it: see unetseg.runtime.
         self.model = prepare_model_for_inference(
             model, precision, self.device, compile=compile, n_images=n_images * (2 if tta else 1),
-            batch_size=batch_size, image_size=tuple(self.preprocess.get("size") or (96, 128)),
+            batch_size=batch_size, image_size=tuple(size) if size else None,
         )
         self.precision = self.model.precision
         self.classes = ClassTable.from_dict(state["classes"])

@@ -125,8 +125,8 @@ def describe(device: torch.device, precision: str) -> dict:
 #: cache, and the fraction of each call's time that the compiled code saves over the eager path it
 #: replaces. On that CPU a compiled bf16 *training* step was ~15 % slower than eager (its convolutions are
 #: the same oneDNN calls and inductor's other kernels were slower), so compiling never pays for CPU
-#: training; compiled inference (weights frozen) was 7-8 % faster at batch 32 on the quiet machine (1-2 %
-#: under heavy load; 15-30 % lower single-image latency) and its first call took 18.6 s with an empty
+#: training; compiled inference (weights frozen) was 4-8 % faster at batch 32 on the quiet machine (1-2 %
+#: under heavy load; 13-32 % lower single-image latency) and its first call took 18.6 s with an empty
 #: inductor cache. The CUDA figures are typical ones, not measured here. ``compile_pays_off`` weighs them
 #: against a run's length.
 COMPILE_COST_S = {"train": 150.0, "infer": 20.0}
@@ -303,7 +303,7 @@ def prepare_model_for_inference(
     compile: str | bool = "off",
     n_images: int = 0,
     batch_size: int | None = None,
-    image_size: tuple[int, int] = (96, 128),
+    image_size: tuple[int, int] | None = (96, 128),
 ) -> InferenceModel:
     """The model on its fastest numerically sound inference path (see ``InferenceModel``).
 
@@ -313,7 +313,8 @@ def prepare_model_for_inference(
         device: where to run.
         compile: ``auto`` (only when ``n_images`` is enough to pay for compiling), ``on`` or ``off``.
         n_images: how many images the caller will run, for ``compile="auto"``.
-        image_size: their ``(H, W)`` in pixels (the eager time estimate scales with it).
+        image_size: their ``(H, W)`` in pixels (the eager time estimate scales with it); ``None`` when the
+            images keep their own, varying sizes: each new size would compile again, so ``auto`` never does.
         batch_size: the caller's batch size; compiled models pad smaller batches to it.
 
     On the CPU it also calls ``retain_freed_memory()`` and ``flush_denormals()`` (process-wide). bf16 is as
@@ -328,8 +329,10 @@ def prepare_model_for_inference(
         flush_denormals()
     # Rough eager time for the compile decision: the lab model runs ~75 96x128 images/s per core in bf16
     # (BENCHMARKS.md), and its cost grows with the pixel count.
-    pixels = image_size[0] * image_size[1] / (96 * 128)
-    compiled = resolve_compile(compile, "infer", n_images * pixels / 75.0, device)
+    if image_size is None and compile == "auto":
+        compile = "off"
+    h, w = image_size or (96, 128)
+    compiled = resolve_compile(compile, "infer", n_images * h * w / (96 * 128) / 75.0, device)
     return InferenceModel(model, precision, device, compiled=compiled, batch_size=batch_size)
 
 
