@@ -1,15 +1,19 @@
-"""A/B of two CPU settings on the lab model's bf16 training step, interleaved in one process.
+"""A/B of CPU settings on the lab model's bf16 training step, interleaved in one process.
 
-Times ``unetseg.train.train_step`` (batch 32, 96x128, bf16 autocast, channels_last, the lab's Adam)
-under four settings, round-robin so that machine noise hits all alike, and prints the median step time
-and images/s of each, and the speed-up over the first:
+Times ``unetseg.train.train_step`` (batch 32, 96x128, bf16 autocast, channels_last, the lab's Adam, the
+lab's plain cross-entropy) under several settings, round-robin so that machine noise hits all alike, and
+prints the median step time and images/s of each and the speed-up over the first. Each setting switches
+on a subset of these (what ``unetseg train`` and the benchmark's bf16/auto modes use is all of them):
 
-  plain       torch's default Adam (a loop of ~8 element-wise ops per tensor), subnormals kept
-  ftz         + subnormal floats flushed to zero (``runtime.flush_denormals``, as TensorFlow does)
-  fused       + torch's fused Adam (``train.make_optimizer``), subnormals kept
-  ftz+fused   both: what ``unetseg train`` and the benchmark's bf16/auto modes now use
+  ftz        subnormal floats flushed to zero (``runtime.flush_denormals``, as TensorFlow does)
+  fused      torch's fused Adam (``train.make_optimizer``) instead of its loop of element-wise ops
+  loss       ``losses.softmax_loss``: cross-entropy and the step's pixel accuracy from one fused softmax,
+             instead of ``F.cross_entropy`` + ``argmax``
+  deconv     ``ConvTranspose2dSame``'s own backward on CPU (``model._TransposedConvSameCPU``) instead of
+             oneDNN's strided deconvolution backward + the crop's backward
+  dropout    ``model.Dropout`` (mask from ``torch.rand``) instead of ``nn.Dropout`` (``bernoulli_``)
 
-Usage: python benchmarks/train_step_ab.py [--rounds 7] [--steps 4] [--threads 2]
+Usage: python benchmarks/train_step_ab.py [--set session4|session3] [--rounds 7] [--steps 4] [--threads 2]
 """
 
 from __future__ import annotations
@@ -17,52 +21,92 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import types
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from unetseg.model import build_model
+from unetseg.losses import cross_entropy, softmax_loss
+from unetseg.model import ConvTranspose2dSame, Dropout, build_model
 from unetseg.runtime import retain_freed_memory, set_threads
 from unetseg.train import train_step
 
-SETTINGS = {"plain": (False, False), "ftz": (True, False), "fused": (False, True), "ftz+fused": (True, True)}
+SETS = {
+    # session 3: the two optimizer-side settings, on the step as it was before session 4's changes
+    "session3": {
+        "plain": set(),
+        "ftz": {"ftz"},
+        "fused": {"fused"},
+        "ftz+fused": {"ftz", "fused"},
+    },
+    # session 4: the session-3 step (ftz + fused Adam), then each new item alone, then all
+    "session4": {
+        "session3 step": {"ftz", "fused"},
+        "+loss": {"ftz", "fused", "loss"},
+        "+deconv": {"ftz", "fused", "deconv"},
+        "+dropout": {"ftz", "fused", "dropout"},
+        "all": {"ftz", "fused", "loss", "deconv", "dropout"},
+    },
+}
+
+
+def _plain_transposed_conv(self: ConvTranspose2dSame, x: torch.Tensor, output_size=None) -> torch.Tensor:
+    """The op through autograd's own backward: oneDNN's deconvolution backward and the crop's."""
+    h, w = x.shape[-2:]
+    out = F.conv_transpose2d(x, self.weight, self.bias, stride=self.stride, output_padding=1)
+    return out[..., : 2 * h, : 2 * w]
+
+
+def _model(items: set[str]) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("lab", n_classes=23).to(memory_format=torch.channels_last).train()
+    for mod in model.modules():
+        if isinstance(mod, ConvTranspose2dSame) and "deconv" not in items:
+            mod.forward = types.MethodType(_plain_transposed_conv, mod)
+        for name, child in mod.named_children():
+            if isinstance(child, Dropout) and "dropout" not in items:
+                setattr(mod, name, nn.Dropout(child.p))
+    return model
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", choices=sorted(SETS), default="session4")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=4, help="training steps per timed round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     args = p.parse_args()
+    settings = SETS[args.set]
     set_threads(args.threads)
     retain_freed_memory()
     cpu = torch.device("cpu")
     x = torch.rand(args.batch_size, 3, 96, 128).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 23, (args.batch_size, 96, 128))
     runs = {}
-    for name, (_, fused) in SETTINGS.items():
-        torch.manual_seed(0)
-        model = build_model("lab", n_classes=23).to(memory_format=torch.channels_last).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7, fused=fused)
-        runs[name] = (model, opt)
-    times: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    for name, items in settings.items():
+        model = _model(items)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7, fused="fused" in items)
+        runs[name] = (model, opt, softmax_loss if "loss" in items else cross_entropy)
+    times: dict[str, list[float]] = {name: [] for name in settings}
     for r in range(args.rounds + 2):  # two warm-up rounds: Adam's moments fill with real (tiny) values
-        for name, (ftz, _) in SETTINGS.items():
-            torch.set_flush_denormal(ftz)
-            model, opt = runs[name]
+        for name, items in settings.items():
+            torch.set_flush_denormal("ftz" in items)
+            model, opt, loss_fn = runs[name]
             t = time.perf_counter()
             for _ in range(args.steps):
-                train_step(model, opt, x, y, "bf16", cpu)
+                train_step(model, opt, x, y, "bf16", cpu, loss_fn)
             if r >= 2:
                 times[name].append((time.perf_counter() - t) / args.steps)
     torch.set_flush_denormal(False)
-    base = statistics.median(times["plain"])
+    base = statistics.median(next(iter(times.values())))
     print(f"lab model, batch {args.batch_size}, 96x128, bf16 autocast, {args.threads} threads, "
           f"{args.rounds} rounds x {args.steps} steps (medians)")
-    print(f"{'setting':<12}{'ms/step':>10}{'img/s':>9}{'speed-up':>10}")
+    print(f"{'setting':<16}{'ms/step':>10}{'img/s':>9}{'speed-up':>10}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<12}{med * 1000:>10.1f}{args.batch_size / med:>9.1f}{base / med:>9.2f}x")
+        print(f"{name:<16}{med * 1000:>10.1f}{args.batch_size / med:>9.1f}{base / med:>9.2f}x")
 
 
 if __name__ == "__main__":

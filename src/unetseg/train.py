@@ -37,7 +37,7 @@ from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .classes import ClassTable
 from .config import TrainConfig, load_run_config, read_yaml, resolve_config, save_yaml
 from .errors import UnetsegError
-from .losses import LossFn, class_weights, cross_entropy, make_loss, prior_correction_bias
+from .losses import LossFn, class_weights, make_loss, prior_correction_bias, softmax_loss
 from .metrics import confusion_matrix, mean_iou, pixel_accuracy
 from .model import build_model, check_lab_size, crop_like, forward_full, paper_output_size
 from .runtime import (
@@ -64,7 +64,7 @@ def train_step(
     masks: torch.Tensor,
     precision: str,
     device: torch.device,
-    loss_fn: LossFn = cross_entropy,
+    loss_fn: LossFn = softmax_loss,
     grad_clip: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One optimisation step on ``images (N, 3, H, W)`` float in [0, 1] and ``masks (N, H, W)`` int64.
@@ -78,14 +78,16 @@ def train_step(
         logits = model(images)
     if logits.shape[-2:] != masks.shape[-2:]:
         masks = crop_like(masks, tuple(logits.shape[-2:]))
-    loss = loss_fn(logits.float(), masks)
+    result = loss_fn(logits, masks)
+    loss, correct = result if isinstance(result, tuple) else (result, None)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
     optimizer.step()
-    with torch.no_grad():
-        correct = (logits.argmax(1) == masks).sum()
+    if correct is None:
+        with torch.no_grad():
+            correct = (logits.argmax(1) == masks).sum()
     return loss.detach(), correct, masks.numel()
 
 
