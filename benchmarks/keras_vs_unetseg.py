@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -305,7 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # As `unetseg benchmark` does (see its _cmd_benchmark): OpenMP reads this once, when torch loads it.
-    if "torch" not in sys.modules and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1):
+    # unetseg.cpuload is torch-free, but importing it through the package would load torch: load the file.
+    spec = importlib.util.find_spec("unetseg")
+    cpuload_spec = importlib.util.spec_from_file_location("_cpuload", Path(spec.origin).with_name("cpuload.py"))
+    cpuload = importlib.util.module_from_spec(cpuload_spec)
+    cpuload_spec.loader.exec_module(cpuload)
+    if "torch" not in sys.modules and cpuload.machine_is_busy():
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from unetseg.bench import format_report, run_benchmark
 

@@ -1,7 +1,7 @@
 """A/B of CPU settings on the lab model's bf16 training step, interleaved in one process.
 
-Times ``unetseg.train.train_step`` (batch 32, 96x128, bf16 autocast, channels_last, the lab's Adam, the
-lab's plain cross-entropy) under several settings, round-robin so that machine noise hits all alike, and
+Times ``unetseg.train.train_step`` (by default batch 32, 96x128, bf16 autocast, channels_last, the lab's
+Adam, the lab's cross-entropy) under several settings, round-robin so that machine noise hits all alike, and
 prints the median step time and images/s of each and the speed-up over the first. Each setting switches
 on a subset of these (what ``unetseg train`` and the benchmark's bf16/auto modes use is all of them):
 
@@ -13,7 +13,9 @@ on a subset of these (what ``unetseg train`` and the benchmark's bf16/auto modes
              oneDNN's strided deconvolution backward + the crop's backward
   dropout    ``model.Dropout`` (mask from ``torch.rand``) instead of ``nn.Dropout`` (``bernoulli_``)
 
-Usage: python benchmarks/train_step_ab.py [--set session4|session3] [--rounds 7] [--steps 4] [--threads 2]
+Usage: python benchmarks/train_step_ab.py [--set session4|session4-total|session3] [--rounds 7] [--steps 4]
+       [--threads 2] [--batch-size 32] [--size 96 128] [--loss ce|ce+dice]
+(the default recipe's step: ``--batch-size 8 --size 128 160 --loss ce+dice``)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetseg.losses import cross_entropy, softmax_loss
+from unetseg.losses import cross_entropy, dice_loss, make_loss
 from unetseg.model import ConvTranspose2dSame, Dropout, build_model
 from unetseg.runtime import retain_freed_memory, set_threads
 from unetseg.train import train_step
@@ -46,6 +48,11 @@ SETS = {
         "+loss": {"ftz", "fused", "loss"},
         "+deconv": {"ftz", "fused", "deconv"},
         "+dropout": {"ftz", "fused", "dropout"},
+        "all": {"ftz", "fused", "loss", "deconv", "dropout"},
+    },
+    # the same two ends only: more rounds in the same time, for the total on a noisy machine
+    "session4-total": {
+        "session3 step": {"ftz", "fused"},
         "all": {"ftz", "fused", "loss", "deconv", "dropout"},
     },
 }
@@ -77,18 +84,28 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="training steps per timed round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"))
+    p.add_argument("--loss", choices=["ce", "ce+dice"], default="ce",
+                   help="ce: the lab's; ce+dice: the default recipe's (here unweighted)")
     args = p.parse_args()
     settings = SETS[args.set]
     set_threads(args.threads)
     retain_freed_memory()
     cpu = torch.device("cpu")
-    x = torch.rand(args.batch_size, 3, 96, 128).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 23, (args.batch_size, 96, 128))
+    h, w = args.size
+    x = torch.rand(args.batch_size, 3, h, w).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 23, (args.batch_size, h, w))
+
+    def plain_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()  # as train_step did before session 4
+        loss = cross_entropy(logits, target)
+        return loss + dice_loss(logits, target) if args.loss == "ce+dice" else loss
+
     runs = {}
     for name, items in settings.items():
         model = _model(items)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7, fused="fused" in items)
-        runs[name] = (model, opt, softmax_loss if "loss" in items else cross_entropy)
+        runs[name] = (model, opt, make_loss(args.loss, 23) if "loss" in items else plain_loss)
     times: dict[str, list[float]] = {name: [] for name in settings}
     for r in range(args.rounds + 2):  # two warm-up rounds: Adam's moments fill with real (tiny) values
         for name, items in settings.items():
@@ -101,7 +118,7 @@ def main() -> None:
                 times[name].append((time.perf_counter() - t) / args.steps)
     torch.set_flush_denormal(False)
     base = statistics.median(next(iter(times.values())))
-    print(f"lab model, batch {args.batch_size}, 96x128, bf16 autocast, {args.threads} threads, "
+    print(f"lab model, batch {args.batch_size}, {h}x{w}, loss {args.loss}, bf16 autocast, {args.threads} threads, "
           f"{args.rounds} rounds x {args.steps} steps (medians)")
     print(f"{'setting':<16}{'ms/step':>10}{'img/s':>9}{'speed-up':>10}")
     for name, ts in times.items():

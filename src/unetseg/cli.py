@@ -123,7 +123,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     import os
 
-    from .runtime import machine_is_busy
+    from .cpuload import machine_is_busy
 
     # On a busy machine torch's spinning OpenMP threads starve the one doing the work (BENCHMARKS.md).
     # OpenMP reads OMP_WAIT_POLICY when torch loads, and `import unetseg` has loaded torch by now, so say it.

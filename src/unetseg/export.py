@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpuload import machine_is_busy
 from .errors import UnetsegError
 from .model import ConvTranspose2dSame
-from .runtime import machine_is_busy
 
 __all__ = [
     "ConvTransposeAsConvShuffle",

@@ -89,12 +89,6 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def machine_is_busy() -> bool:
-    """Whether the 1-minute load average is already >= 0.75 x the cores: then spinning thread pools
-    (OpenMP, ONNX Runtime) starve the thread doing the work (BENCHMARKS.md, "OpenMP under load")."""
-    return hasattr(os, "getloadavg") and os.getloadavg()[0] >= 0.75 * (os.cpu_count() or 1)
-
-
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CPU (oneDNN's native layout: no reorders around each conv), contiguous elsewhere."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
