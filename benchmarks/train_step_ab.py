@@ -9,8 +9,6 @@ on a subset of these (what ``unetseg train`` and the benchmark's bf16/auto modes
   fused      torch's fused Adam (``train.make_optimizer``) instead of its loop of element-wise ops
   loss       ``losses.softmax_loss``: cross-entropy and the step's pixel accuracy from one fused softmax,
              instead of ``F.cross_entropy`` + ``argmax``
-  deconv     ``ConvTranspose2dSame``'s own backward on CPU (``model._TransposedConvSameCPU``) instead of
-             oneDNN's strided deconvolution backward + the crop's backward
   dropout    ``model.Dropout`` (mask from ``torch.rand``) instead of ``nn.Dropout`` (``bernoulli_``)
 
 Usage: python benchmarks/train_step_ab.py [--set session4|session4-total|session3] [--rounds 7] [--steps 4]
@@ -23,14 +21,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unetseg.losses import cross_entropy, dice_loss, make_loss
-from unetseg.model import ConvTranspose2dSame, Dropout, build_model
+from unetseg.model import Dropout, build_model
 from unetseg.runtime import retain_freed_memory, set_threads
 from unetseg.train import train_step
 
@@ -42,35 +38,25 @@ SETS = {
         "fused": {"fused"},
         "ftz+fused": {"ftz", "fused"},
     },
-    # session 4: the session-3 step (ftz + fused Adam), then each new item alone, then all
+    # session 4: the session-3 step (ftz + fused Adam), then each new item alone, then both
     "session4": {
         "session3 step": {"ftz", "fused"},
         "+loss": {"ftz", "fused", "loss"},
-        "+deconv": {"ftz", "fused", "deconv"},
         "+dropout": {"ftz", "fused", "dropout"},
-        "all": {"ftz", "fused", "loss", "deconv", "dropout"},
+        "all": {"ftz", "fused", "loss", "dropout"},
     },
     # the same two ends only: more rounds in the same time, for the total on a noisy machine
     "session4-total": {
         "session3 step": {"ftz", "fused"},
-        "all": {"ftz", "fused", "loss", "deconv", "dropout"},
+        "all": {"ftz", "fused", "loss", "dropout"},
     },
 }
-
-
-def _plain_transposed_conv(self: ConvTranspose2dSame, x: torch.Tensor, output_size=None) -> torch.Tensor:
-    """The op through autograd's own backward: oneDNN's deconvolution backward and the crop's."""
-    h, w = x.shape[-2:]
-    out = F.conv_transpose2d(x, self.weight, self.bias, stride=self.stride, output_padding=1)
-    return out[..., : 2 * h, : 2 * w]
 
 
 def _model(items: set[str]) -> nn.Module:
     torch.manual_seed(0)
     model = build_model("lab", n_classes=23).to(memory_format=torch.channels_last).train()
     for mod in model.modules():
-        if isinstance(mod, ConvTranspose2dSame) and "deconv" not in items:
-            mod.forward = types.MethodType(_plain_transposed_conv, mod)
         for name, child in mod.named_children():
             if isinstance(child, Dropout) and "dropout" not in items:
                 setattr(mod, name, nn.Dropout(child.p))
