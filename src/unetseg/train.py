@@ -69,7 +69,10 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One optimisation step on ``images (N, 3, H, W)`` float in [0, 1] and ``masks (N, H, W)`` int64.
 
-    ``grad_clip`` > 0 rescales the gradients so that their global L2 norm is at most that value.
+    ``loss_fn`` gets the logits as the model returns them (bf16 under bf16 autocast) and returns the loss,
+    or ``(loss, correct_pixels)`` as ``losses.make_loss``'s functions do (their softmax also gives the
+    accuracy; for a plain loss it is counted with an argmax). ``grad_clip`` > 0 rescales the gradients so
+    that their global L2 norm is at most that value.
     Returns ``(loss, correct_pixels, pixels)``: the detached mean loss, the count of pixels predicted
     right (a scalar tensor) and of pixels scored. Labels are centre-cropped to the output for the
     unpadded (paper) U-Net, whose output is smaller than its input.
