@@ -22,18 +22,19 @@ from .errors import UnetsegError
 LossFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
 
-def _class_rows(logits: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` logits as a tensor whose dim 1 is the class: ``(N*H*W, C)`` rows for channels_last
-    (a view: the reductions run along contiguous memory), the logits themselves otherwise."""
+def _class_rows(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, C, H, W)`` logits and ``(N, H, W)`` targets as tensors whose dim 1 is the class: ``(N*H*W, C)``
+    rows and ``(N*H*W,)`` targets for channels_last logits (a view: the reductions run along contiguous
+    memory), both unchanged otherwise."""
     if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
-        return logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
-    return logits
+        return logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), target.reshape(-1)
+    return logits, target
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse categorical cross-entropy on logits (the lab's loss), optionally class-weighted."""
-    rows = _class_rows(logits)
-    return F.cross_entropy(rows.float(), target.reshape(-1) if rows is not logits else target, weight=weight)
+    rows, target = _class_rows(logits, target)
+    return F.cross_entropy(rows.float(), target, weight=weight)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
@@ -131,9 +132,8 @@ def softmax_loss(
     top logit is the target's (an int64 scalar; a pixel whose target ties for the top counts as a hit).
     Any logits dtype or memory format; the arithmetic is fp32.
     """
-    rows = _class_rows(logits)
-    flat_target = target.reshape(-1) if rows is not logits else target
-    return _FusedSoftmaxLoss.apply(rows, flat_target, weight, dice, eps)
+    rows, target = _class_rows(logits, target)
+    return _FusedSoftmaxLoss.apply(rows, target, weight, dice, eps)
 
 
 def class_weights(
