@@ -10,8 +10,10 @@ on a subset of these (what ``unetseg train`` and the benchmark's bf16/auto modes
   loss       ``losses.softmax_loss``: cross-entropy and the step's pixel accuracy from one fused softmax,
              instead of ``F.cross_entropy`` + ``argmax``
   dropout    ``model.Dropout`` (mask from ``torch.rand``) instead of ``nn.Dropout`` (``bernoulli_``)
+  lovasz     the loss plus ``losses.lovasz_softmax`` (``--set lovasz``: what a "+lovasz" loss costs; the
+             random targets hold all 23 classes, real batches ~15-18)
 
-Usage: python benchmarks/train_step_ab.py [--set session4|session4-total|session3] [--rounds 7] [--steps 4]
+Usage: python benchmarks/train_step_ab.py [--set session4|session4-total|session3|lovasz] [--rounds 7] [--steps 4]
        [--threads 2] [--batch-size 32] [--size 96 128] [--loss ce|ce+dice]
 (the default recipe's step: ``--batch-size 8 --size 128 160 --loss ce+dice``)
 """
@@ -49,6 +51,11 @@ SETS = {
     "session4-total": {
         "session3 step": {"ftz", "fused"},
         "all": {"ftz", "fused", "loss", "dropout"},
+    },
+    # the shipped step, then the same with the Lovász-softmax term added to its loss
+    "lovasz": {
+        "shipped step": {"ftz", "fused", "loss", "dropout"},
+        "+lovasz": {"ftz", "fused", "loss", "dropout", "lovasz"},
     },
 }
 
@@ -91,7 +98,8 @@ def main() -> None:
     for name, items in settings.items():
         model = _model(items)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7, fused="fused" in items)
-        runs[name] = (model, opt, make_loss(args.loss, 23) if "loss" in items else plain_loss)
+        loss_name = args.loss + "+lovasz" if "lovasz" in items else args.loss
+        runs[name] = (model, opt, make_loss(loss_name, 23) if "loss" in items else plain_loss)
     times: dict[str, list[float]] = {name: [] for name in settings}
     for r in range(args.rounds + 2):  # two warm-up rounds: Adam's moments fill with real (tiny) values
         for name, items in settings.items():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unetseg.errors import UnetsegError
-from unetseg.losses import class_weights, cross_entropy, dice_loss, make_loss, softmax_loss
+from unetseg.losses import class_weights, cross_entropy, dice_loss, lovasz_softmax, make_loss, softmax_loss
 from unetseg.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
 
 
@@ -81,6 +81,48 @@ def test_make_loss_combines_terms() -> None:
         make_loss("focal", 3)
     with pytest.raises(UnetsegError, match="2 class weights for 3 classes"):
         make_loss("ce", 3, torch.ones(2))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lovasz_softmax_at_hard_predictions_is_one_minus_iou(channels_last: bool) -> None:
+    # The Lovász extension agrees with the set function on 0/1 errors: 1 - IoU per present class, averaged.
+    torch.manual_seed(0)
+    target = torch.randint(0, 4, (2, 6, 7))  # class 4 never in the target: left out of the mean
+    pred = torch.where(torch.rand(2, 6, 7) < 0.3, torch.randint(0, 5, (2, 6, 7)), target)
+    logits = torch.nn.functional.one_hot(pred, 5).permute(0, 3, 1, 2).float() * 40  # softmax 0/1 to 1e-17
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    one_minus_iou = [1 - ((pred == c) & (target == c)).sum() / ((pred == c) | (target == c)).sum()
+                     for c in target.unique()]
+    assert lovasz_softmax(logits, target).item() == pytest.approx(torch.stack(one_minus_iou).mean().item(), abs=1e-6)
+    assert 0.1 < lovasz_softmax(logits, target) < 1
+    assert lovasz_softmax(target.unsqueeze(1).eq(torch.arange(5).view(1, 5, 1, 1)).float() * 40, target) < 1e-6
+
+
+def test_lovasz_softmax_descends_to_the_target() -> None:
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 5, 5))
+    logits = torch.zeros(2, 3, 5, 5, requires_grad=True)
+    adam = torch.optim.Adam([logits], lr=0.1)
+    start = lovasz_softmax(logits, target).item()
+    for _ in range(60):
+        loss = lovasz_softmax(logits, target)
+        adam.zero_grad()
+        loss.backward()
+        adam.step()
+    assert start > 0.5 and loss.item() < 0.05
+    assert torch.equal(logits.argmax(1), target)
+
+
+def test_make_loss_adds_the_lovasz_term() -> None:
+    logits, target = torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4))
+    w = torch.tensor([0.5, 1.0, 2.0])
+    total, correct = make_loss("ce+dice+lovasz", 3, w)(logits, target)
+    expected = cross_entropy(logits, target, w) + dice_loss(logits, target) + lovasz_softmax(logits, target)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert correct.item() == (logits.argmax(1) == target).sum().item()
+    ce_lovasz, _ = make_loss("ce+lovasz", 3)(logits, target)
+    assert ce_lovasz.item() == pytest.approx((cross_entropy(logits, target) + lovasz_softmax(logits, target)).item())
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -52,7 +52,8 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
     "overrides, message",
     [({"epochs": 0}, "--epochs 0"), ({"lr": -1.0}, "--lr"), ({"wings": 3}, "unknown setting"),
      ({"recipe": "fast"}, "unknown recipe"), ({"val_fraction": 1.0}, "--val-fraction"),
-     ({"prior_correction": 1.5}, "prior_correction"), ({"class_weight_clip": 0.5}, "class_weight_clip")],
+     ({"prior_correction": 1.5}, "prior_correction"), ({"class_weight_clip": 0.5}, "class_weight_clip"),
+     ({"loss": "focal"}, "ce, ce\\+dice, ce\\+lovasz"), ({"lovasz_from": 1.0}, "lovasz_from 1.0")],
 )
 def test_bad_settings_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(UnetsegError, match=message):
@@ -130,6 +131,23 @@ def test_weighted_run_stores_its_prior_correction(scenes: Path, tmp_path: Path) 
     unweighted = tmp_path / "plain"
     train(**{**TINY_TRAIN, "data": str(scenes), "out": str(unweighted), "epochs": 1, "prior_correction": 0.5})
     assert "logit_bias" not in load_checkpoint(unweighted / "last.pt")  # nothing to correct without weights
+
+
+@pytest.mark.slow
+def test_lovasz_term_joins_after_its_share_of_the_epochs(scenes: Path, tmp_path: Path, monkeypatch) -> None:
+    import unetseg.losses as losses
+
+    calls: list[int] = []
+    lovasz = losses.lovasz_softmax
+    monkeypatch.setattr(losses, "lovasz_softmax", lambda logits, target: calls.append(1) or lovasz(logits, target))
+
+    out = tmp_path / "run"
+    summary = train(**{**TINY_TRAIN, "loss": "ce+dice+lovasz", "lovasz_from": 0.5, "epochs": 2},
+                    data=str(scenes), out=str(out))
+    history = _history(out)
+    assert summary["epochs"] == 2 and all(float(r["train_loss"]) > 0 for r in history)
+    n_steps = -(-len(json.loads((out / "split.json").read_text())["train_idx"]) // TINY_TRAIN["batch_size"])
+    assert len(calls) == n_steps  # epoch 1 of 2 trains without the term, epoch 2 with it at every step
 
 
 def test_grad_clip_bounds_the_step() -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import UnetsegError
+from .losses import LOSSES
 
 RECIPES = ("lab", "default")
 
@@ -63,7 +64,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"  # constant | onecycle | cosine
     warmup_fraction: float = 0.1  # one-cycle: share of steps spent warming up
-    loss: str = "ce"  # ce | ce+dice
+    loss: str = "ce"  # ce | ce+dice | ce+lovasz | ce+dice+lovasz
+    lovasz_from: float = 0.0  # share of the epochs trained before a "+lovasz" term joins the loss (0: from the start)
     class_weighting: str = "none"  # none | sqrt_inverse (from training-set pixel shares)
     class_weight_clip: float = 10.0  # class weights stay within [median/clip, median*clip]
     prior_correction: float = 0.0  # share of log(class weight) taken off the logits at prediction (0: none)
@@ -134,7 +136,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.arch in ("lab", "paper"), f"--arch {cfg.arch!r} must be lab or paper"),
         (cfg.optimizer in ("adam", "adamw"), f"optimizer {cfg.optimizer!r} must be adam or adamw"),
         (cfg.schedule in ("constant", "onecycle", "cosine"), f"schedule {cfg.schedule!r} is unknown"),
-        (cfg.loss in ("ce", "ce+dice"), f"loss {cfg.loss!r} must be ce or ce+dice"),
+        (cfg.loss in LOSSES, f"loss {cfg.loss!r} must be one of {', '.join(LOSSES)}"),
+        (0 <= cfg.lovasz_from < 1, f"lovasz_from {cfg.lovasz_from} must be in [0, 1) (a share of the epochs)"),
         (cfg.class_weighting in ("none", "sqrt_inverse"), f"class_weighting {cfg.class_weighting!r} is unknown"),
         (0 <= cfg.prior_correction <= 1, f"prior_correction {cfg.prior_correction} must be in [0, 1]"),
         (cfg.grad_clip >= 0, f"grad_clip {cfg.grad_clip} must be >= 0 (0: off)"),

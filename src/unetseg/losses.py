@@ -136,6 +136,38 @@ def softmax_loss(
     return _FusedSoftmaxLoss.apply(rows, target, weight, dice, eps)
 
 
+def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Lovász-softmax loss (Berman et al., CVPR 2018) of ``logits (N, C, H, W)``: a convex surrogate of
+    1 − IoU per class, averaged over the classes present in ``target (N, H, W)``.
+
+    Computed over the whole batch (not per image), so it follows the dataset-level mIoU that evaluation
+    reports. For each present class the pixels' errors ``|[t == c] − p_c|`` are sorted in decreasing order
+    and weighted by the steps of the Jaccard index along that order (the Lovász extension's gradient); the
+    sort is the cost, ~100 ms for 15 classes x 164k pixels at 2 threads. fp32 throughout.
+    """
+    rows, target = _class_rows(logits, target)
+    n_classes = rows.shape[1]
+    probs = rows.float().softmax(1)
+    if probs.dim() == 4:
+        probs = probs.permute(0, 2, 3, 1).reshape(-1, n_classes)
+    target = target.reshape(-1)
+    present = torch.bincount(target, minlength=n_classes)[:n_classes].nonzero().squeeze(1)
+    if present.numel() == 0:
+        return probs.sum() * 0
+    # (K, P): one row per present class, pixels along the row.
+    fg = (target.unsqueeze(0) == present.unsqueeze(1)).to(probs.dtype)
+    errors = (fg - probs.index_select(1, present).t()).abs()
+    errors_sorted, order = errors.sort(dim=1, descending=True)
+    fg_sorted = fg.gather(1, order)
+    gts = fg_sorted.sum(1, keepdim=True)
+    intersection = gts - fg_sorted.cumsum(1)
+    union = gts + (1 - fg_sorted).cumsum(1)
+    jaccard = 1 - intersection / union
+    # Steps of the Jaccard index along the sorted order: the weight of each sorted error.
+    jaccard = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+    return (errors_sorted * jaccard).sum(1).mean()
+
+
 def class_weights(
     masks: torch.Tensor, n_classes: int, mode: str = "sqrt_inverse", max_ratio: float = 10.0
 ) -> torch.Tensor:
@@ -167,15 +199,26 @@ def prior_correction_bias(weights: torch.Tensor, strength: float) -> torch.Tenso
     return torch.where(weights > 0, -strength * weights.clamp(min=1e-12).log(), torch.zeros_like(weights))
 
 
+LOSSES = ("ce", "ce+dice", "ce+lovasz", "ce+dice+lovasz")
+
+
 def make_loss(name: str, n_classes: int, weight: torch.Tensor | None = None) -> LossFn:
-    """``ce`` (the lab) or ``ce+dice``; ``weight`` applies to the cross-entropy term.
+    """``ce`` (the lab), ``ce+dice``, ``ce+lovasz`` or ``ce+dice+lovasz`` (terms summed with weight 1);
+    ``weight`` applies to the cross-entropy term.
 
     The function returns ``(loss, correct_pixels)`` (``softmax_loss``), so training gets its pixel
     accuracy from the loss's own softmax.
     """
-    if name not in ("ce", "ce+dice"):
-        raise UnetsegError(f"loss {name!r} is unknown; use ce or ce+dice")
+    if name not in LOSSES:
+        raise UnetsegError(f"loss {name!r} is unknown; use one of {', '.join(LOSSES)}")
     if weight is not None and weight.numel() != n_classes:
         raise UnetsegError(f"{weight.numel()} class weights for {n_classes} classes")
-    with_dice = name == "ce+dice"
-    return lambda logits, target: softmax_loss(logits, target, weight, dice=with_dice)
+    with_dice = "dice" in name
+    if "lovasz" not in name:
+        return lambda logits, target: softmax_loss(logits, target, weight, dice=with_dice)
+
+    def loss_with_lovasz(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, correct = softmax_loss(logits, target, weight, dice=with_dice)
+        return loss + lovasz_softmax(logits, target), correct
+
+    return loss_with_lovasz

@@ -148,6 +148,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     loss_fn: LossFn
+    loss_fn_before_lovasz: LossFn  # the loss without its Lovász term, for the epochs before cfg.lovasz_from
     steps_per_epoch: int
     preprocess: dict[str, Any]
     class_pixels: torch.Tensor  # (C,) training-set pixel count per class
@@ -275,7 +276,9 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
     train_masks = data.masks.index_select(0, tr)
     class_pixels = torch.bincount(train_masks.reshape(-1).long(), minlength=n_classes)[:n_classes]
     weights = class_weights(train_masks, n_classes, cfg.class_weighting, cfg.class_weight_clip).to(device)
-    loss_fn = make_loss(cfg.loss, n_classes, None if cfg.class_weighting == "none" else weights)
+    loss_weights = None if cfg.class_weighting == "none" else weights
+    loss_fn = make_loss(cfg.loss, n_classes, loss_weights)
+    loss_fn_before_lovasz = make_loss(cfg.loss.replace("+lovasz", ""), n_classes, loss_weights)
     logit_bias = None
     if cfg.class_weighting != "none" and cfg.prior_correction > 0:
         logit_bias = prior_correction_bias(weights, cfg.prior_correction).cpu()
@@ -286,8 +289,9 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
         cfg=cfg, run_dir=run_dir, device=device, precision=precision, classes=data.classes,
         train_images=data.images.index_select(0, tr), train_masks=train_masks,
         val_images=data.images.index_select(0, va), val_masks=data.masks.index_select(0, va), split=split,
-        model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn, steps_per_epoch=steps,
-        preprocess=preprocess, class_pixels=class_pixels, logit_bias=logit_bias, ema=ema,
+        model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
+        loss_fn_before_lovasz=loss_fn_before_lovasz, steps_per_epoch=steps, preprocess=preprocess,
+        class_pixels=class_pixels, logit_bias=logit_bias, ema=ema,
     )
 
 
@@ -405,11 +409,14 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
         bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=cfg.no_progress,
                    leave=False, dynamic_ncols=True)
         batches = _prefetch(_batches(run, epoch))
+        # Lovász-softmax refines a model that already segments (Berman et al. fine-tune with it), so a
+        # "+lovasz" term can join after a share of the epochs; it also costs a sort per step.
+        loss_fn = run.loss_fn if epoch > cfg.lovasz_from * cfg.epochs else run.loss_fn_before_lovasz
         for step in range(run.steps_per_epoch):
             tw = time.perf_counter()
             x, y = next(batches)
             data_wait += time.perf_counter() - tw
-            loss, ok, n_px = train_step(model, run.optimizer, x, y, run.precision, run.device, run.loss_fn,
+            loss, ok, n_px = train_step(model, run.optimizer, x, y, run.precision, run.device, loss_fn,
                                         cfg.grad_clip)
             if not torch.isfinite(loss):
                 bar.close()
