@@ -9,12 +9,14 @@ on a subset of these (what ``unetseg train`` and the benchmark's bf16/auto modes
   fused      torch's fused Adam (``train.make_optimizer``) instead of its loop of element-wise ops
   loss       ``losses.softmax_loss``: cross-entropy and the step's pixel accuracy from one fused softmax,
              instead of ``F.cross_entropy`` + ``argmax``
+  deconv     ``ConvTranspose2dSame``'s own backward on CPU (``model._TransposedConvSameCPU``) instead of
+             oneDNN's strided deconvolution backward + the crop's backward
   dropout    ``model.Dropout`` (mask from ``torch.rand``) instead of ``nn.Dropout`` (``bernoulli_``)
   lovasz     the loss plus ``losses.lovasz_softmax`` (``--set lovasz``: what a "+lovasz" loss costs; the
              random targets hold all 23 classes, real batches ~15-18)
 
-Usage: python benchmarks/train_step_ab.py [--set session4|session4-total|session3|lovasz] [--rounds 7] [--steps 4]
-       [--threads 2] [--batch-size 32] [--size 96 128] [--loss ce|ce+dice]
+Usage: python benchmarks/train_step_ab.py [--set deconv|session4|session4-total|session3|lovasz] [--rounds 7]
+       [--steps 4] [--threads 2] [--batch-size 32] [--size 96 128] [--loss ce|ce+dice]
 (the default recipe's step: ``--batch-size 8 --size 128 160 --loss ce+dice``)
 """
 
@@ -23,12 +25,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import types
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unetseg.losses import cross_entropy, dice_loss, make_loss
-from unetseg.model import Dropout, build_model
+from unetseg.model import ConvTranspose2dSame, Dropout, build_model
 from unetseg.runtime import retain_freed_memory, set_threads
 from unetseg.train import train_step
 
@@ -52,18 +56,32 @@ SETS = {
         "session3 step": {"ftz", "fused"},
         "all": {"ftz", "fused", "loss", "dropout"},
     },
+    # session 5: the step without the transposed convs' own backward, then the shipped step (with it)
+    "deconv": {
+        "plain deconv": {"ftz", "fused", "loss", "dropout"},
+        "shipped step": {"ftz", "fused", "loss", "dropout", "deconv"},
+    },
     # the shipped step, then the same with the Lovász-softmax term added to its loss
     "lovasz": {
-        "shipped step": {"ftz", "fused", "loss", "dropout"},
-        "+lovasz": {"ftz", "fused", "loss", "dropout", "lovasz"},
+        "shipped step": {"ftz", "fused", "loss", "dropout", "deconv"},
+        "+lovasz": {"ftz", "fused", "loss", "dropout", "deconv", "lovasz"},
     },
 }
+
+
+def _plain_transposed_conv(self: ConvTranspose2dSame, x: torch.Tensor, output_size=None) -> torch.Tensor:
+    """The op through autograd's own backward: oneDNN's deconvolution backward and the crop's."""
+    h, w = x.shape[-2:]
+    out = F.conv_transpose2d(x, self.weight, self.bias, stride=self.stride, output_padding=1)
+    return out[..., : 2 * h, : 2 * w]
 
 
 def _model(items: set[str]) -> nn.Module:
     torch.manual_seed(0)
     model = build_model("lab", n_classes=23).to(memory_format=torch.channels_last).train()
     for mod in model.modules():
+        if isinstance(mod, ConvTranspose2dSame) and "deconv" not in items:
+            mod.forward = types.MethodType(_plain_transposed_conv, mod)
         for name, child in mod.named_children():
             if isinstance(child, Dropout) and "dropout" not in items:
                 setattr(mod, name, nn.Dropout(child.p))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import unetseg
+from unetseg import model as model_module
 from unetseg.errors import UnetsegError
 from unetseg.model import (
     ConvTranspose2dSame,
@@ -116,6 +117,51 @@ def test_transposed_conv_matches_tensorflow_same_alignment() -> None:
     y = t(x)
     assert y.shape == (1, 1, 6, 6)
     assert y[0, 0, 2, 2] == 1.0 and y.abs().sum() == 1.0  # o = 2*1 + 0
+
+
+def _reference_transposed_conv(t: ConvTranspose2dSame, x: torch.Tensor) -> torch.Tensor:
+    """The op through autograd's own backward (what ``ConvTranspose2dSame`` does off CPU / in inference)."""
+    h, w = x.shape[-2:]
+    return nn.functional.conv_transpose2d(x, t.weight, t.bias, stride=2, output_padding=1)[..., : 2 * h, : 2 * w]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_transposed_conv_cpu_backward_equals_autograd(channels_last: bool) -> None:
+    torch.manual_seed(0)
+    t = ConvTranspose2dSame(6, 4).double()
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grads = []
+    for fn in (t, lambda v: _reference_transposed_conv(t, v)):
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi)
+        g = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        grads.append((y.detach(), *torch.autograd.grad(y, (xi, t.weight, t.bias), g)))
+    for ours, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda v, w, b: model_module._TransposedConvSameCPU.apply(v, w, b),
+        (x[:1, :, :3, :4].clone().requires_grad_(True), t.weight.detach().clone().requires_grad_(True),
+         t.bias.detach().clone().requires_grad_(True)),
+    )
+
+
+def test_transposed_conv_cpu_backward_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    t = ConvTranspose2dSame(32, 16)
+    x = torch.randn(4, 32, 6, 8).contiguous(memory_format=torch.channels_last)
+    results = []
+    for fn in (t, lambda v: _reference_transposed_conv(t, v)):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", torch.bfloat16):
+            y = fn(xi)
+        assert y.dtype == torch.bfloat16
+        gx, gw, gb = torch.autograd.grad(y.float().square().sum(), (xi, t.weight, t.bias))
+        assert gx.dtype == gw.dtype == torch.float32  # flows back through autocast's casts to the fp32 leaves
+        results.append((y.float(), gx, gw, gb))
+    for ours, ref in zip(*results, strict=True):  # bf16 outputs: equal up to the accumulation order
+        torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
 def test_dropout_keeps_the_rate_and_scale_and_masks_the_gradient() -> None:
