@@ -6,7 +6,8 @@ the final training loss and validation mIoU of both and their paired differences
 share the data, the split and the initialisation; bf16 training is not bit-reproducible, so the
 differences show the seed-to-seed noise as well as any effect.
 
-Usage: python experiments/deconv_convergence.py --seeds 10 11 12 13 14 15 [--epochs 10] [--out /tmp/conv]
+Usage: python experiments/deconv_convergence.py --seeds 10 11 12 13 14 15 [--epochs 10] [--synth-count 300]
+       [--out /tmp/conv]      (``--synth-count 200``: the scenes of the README's ``unetseg quickstart``)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", required=True)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--synth-count", type=int, default=300, help="generated scenes per run (300: train's default)")
     p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = p.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="deconv_convergence_"))
@@ -42,7 +44,7 @@ def main() -> None:
         for arm, forward in (("plain", _plain_forward), ("own", own_forward)):
             ConvTranspose2dSame.forward = forward
             summary = train(recipe="default", epochs=args.epochs, seed=seed, out=str(root / f"{arm}{seed}"),
-                            no_progress=True)
+                            synth_count=args.synth_count, no_progress=True)
             last = summary["history"][-1]
             result[arm] = (last["train_loss"], last["val_miou"], summary["seconds"])
         ConvTranspose2dSame.forward = own_forward
