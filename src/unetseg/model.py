@@ -103,8 +103,8 @@ class _TransposedConvSameCPU(torch.autograd.Function):
     output gradient. This backward made the whole step 1.07-1.14x faster (benchmarks/train_step_ab.py). Output
     pixel ``o = 2i + k`` gathers input ``i`` through tap ``k``, so with the output gradient ``g`` padded by
     one zero row/column: ``grad_x = conv2d(g, W, stride=2)`` and ``grad_W[:, :, kh, kw] = x^T · g[kh::2,
-    kw::2]``, the nine taps as one GEMM over all pixels. Training converges as with oneDNN's backward: 11
-    paired 10-epoch runs on generated scenes ended 0.002 lower in training loss and equal in val mIoU on
+    kw::2]``, the nine taps as one GEMM over all pixels. Training converges as with oneDNN's backward: 14
+    paired 10-epoch runs on generated scenes ended 0.008 lower in training loss and equal in val mIoU on
     average (experiments/deconv_convergence.py; BENCHMARKS.md, session 5).
     """
 
