@@ -43,11 +43,13 @@ def main() -> None:
         result = {}
         for arm, forward in (("plain", _plain_forward), ("own", own_forward)):
             ConvTranspose2dSame.forward = forward
-            summary = train(recipe="default", epochs=args.epochs, seed=seed, out=str(root / f"{arm}{seed}"),
-                            synth_count=args.synth_count, no_progress=True)
+            try:
+                summary = train(recipe="default", epochs=args.epochs, seed=seed, out=str(root / f"{arm}{seed}"),
+                                synth_count=args.synth_count, no_progress=True)
+            finally:
+                ConvTranspose2dSame.forward = own_forward
             last = summary["history"][-1]
             result[arm] = (last["train_loss"], last["val_miou"], summary["seconds"])
-        ConvTranspose2dSame.forward = own_forward
         rows.append(result)
         (lp, mp, sp), (lo, mo, so) = result["plain"], result["own"]
         print(f"seed {seed}: train loss {lp:.4f} -> {lo:.4f} ({lo - lp:+.4f}), val mIoU {mp:.4f} -> {mo:.4f} "

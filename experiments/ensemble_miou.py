@@ -48,8 +48,8 @@ def main() -> None:
     alone = {name: score((name,)) for name in states}
     for name, miou in alone.items():
         print(f"{name:<40}{miou:.4f}")
-    for k in sorted({2, 3, len(states)}):
-        for members in itertools.combinations(states, k) if k <= len(states) and k > 1 else []:
+    for k in sorted(k for k in {2, 3, len(states)} if 1 < k <= len(states)):
+        for members in itertools.combinations(states, k):
             print(f"{'+'.join(members):<40}{score(members):.4f}  (members' mean "
                   f"{statistics.mean(alone[m] for m in members):.4f})")
 
