@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetseg.bench import ALL_MODES, add_arguments, count_flops, main, run_benchmark
+from unetseg.bench import ALL_MODES, Subject, add_arguments, count_flops, main, run_benchmark
 from unetseg.errors import UnetsegError
 from unetseg.model import ConvTranspose2dSame, build_model, unet_model
 from unetseg.runtime import (
@@ -193,6 +194,27 @@ def test_benchmark_rejects_unknown_modes_and_sizes() -> None:
         _quick(modes=["fp32"], size=(30, 32))
     assert main(["--quick", "--modes", "warp9"]) == 2
     assert "auto" in ALL_MODES
+
+
+def test_benchmark_pauses_between_subjects() -> None:
+    # A subject's spinning thread pool must be idle again before the next subject's timed call.
+    spans: list[tuple[str, float, float]] = []
+
+    def timed(name: str) -> Subject:
+        def run() -> float:
+            start = time.perf_counter()
+            spans.append((name, start, time.perf_counter()))
+            return 1e-3
+
+        return Subject(name, name, "fp32", infer=run)
+
+    r = _quick(modes=["fp32"], parts=("infer",), extra_subjects=[timed("a"), timed("b")], settle_s=0.05)
+    assert r["settings"]["settle_s"] == 0.05
+    pairs = zip(spans, spans[1:], strict=False)
+    after_a = [b_start - a_end for (na, _, a_end), (nb, b_start, _) in pairs if (na, nb) == ("a", "b")]
+    assert len(after_a) == 3 and min(after_a) >= 0.05  # 1 warm-up + 2 timed rounds
+    with pytest.raises(UnetsegError, match="settle_s"):
+        _quick(modes=["fp32"], parts=("infer",), settle_s=-1)
 
 
 def test_benchmark_cpu_clock() -> None:

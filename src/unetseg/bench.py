@@ -98,6 +98,11 @@ DEFAULT_MODES = ALL_MODES
 LAB_TRAIN_IMAGES = 40 * 1060
 #: Images the ``auto`` inference path expects to process (evaluating or predicting a folder of frames).
 LAB_INFER_IMAGES = 1060
+# Pause before each subject's turn in a round (untimed). Thread pools that busy-wait after their work
+# (ONNX Runtime's by default, TensorFlow's Eigen pool in the Keras workers) otherwise take CPU from the
+# next subject: right after an ONNX Runtime int8 batch, the lab model's bf16 inference batch took 288 ms
+# instead of 244 (median of 9 on 2 cores), and 0.2 s of sleep was enough for it to recover.
+SETTLE_S = 0.25
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
@@ -453,6 +458,7 @@ def run_benchmark(
     measure_rss: bool = True,
     seed: int = 0,
     verbose: bool = True,
+    settle_s: float | None = None,
 ) -> dict[str, Any]:
     """Time every mode side by side and return the figures (see the module docstring).
 
@@ -472,6 +478,8 @@ def run_benchmark(
             the Keras model this way).
         clock: ``wall`` or ``cpu`` (see ``CLOCKS``).
         measure_rss: also run ``train_peak_rss`` (a child process, after the timing) for ``peak_rss_mib``.
+        settle_s: untimed pause before each subject's turn and before the matmul peaks, so that one
+            subject's spinning thread pool does not slow the next (default ``SETTLE_S``, 0.02 with ``quick``).
 
     Returns a dict: ``train_images_per_s``, ``infer_images_per_s``, ``latency_ms`` of the ``auto`` mode;
     ``peak_rss_mib``: peak RSS of a fresh process training on the auto path (``train_peak_rss``);
@@ -497,6 +505,9 @@ def run_benchmark(
     global _clock
     _clock = CLOCKS[clock]
     latency_calls = latency_calls or (2 if quick else 5)
+    settle_s = (0.02 if quick else SETTLE_S) if settle_s is None else settle_s
+    if settle_s < 0:
+        raise UnetsegError(f"settle_s {settle_s} must not be negative")
     n_threads = set_threads(threads)
     dev = pick_device(device)
     # What unetseg's commands do on a CPU (see runtime.retain_freed_memory); UNETSEG_MALLOC=default turns
@@ -520,7 +531,8 @@ def run_benchmark(
         "settings": {
             "batch_size": batch_size, "size": list(size), "repeats": repeats, "warmup": warmup,
             "latency_calls": latency_calls, "quick": quick, "modes": modes, "parts": sorted(parts_set),
-            "clock": clock, "malloc_retained": malloc_retained, "denormals_flushed": denormals_flushed,
+            "clock": clock, "settle_s": settle_s, "malloc_retained": malloc_retained,
+            "denormals_flushed": denormals_flushed,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "model": model.config,
         },
@@ -557,11 +569,13 @@ def run_benchmark(
         peak_times: dict[str, list[float]] = {k: [] for k in peaks}
 
         def one_round(record: bool) -> None:
+            time.sleep(settle_s)
             for k, fn in peaks.items():
                 sec = fn()
                 if record:
                     peak_times[k].append(sec)
             for subj in list(subjects):
+                time.sleep(settle_s)
                 try:
                     if subj.train is not None:
                         before, _ = _rss_mib()
