@@ -132,6 +132,27 @@ def test_fp32_inference_model_matches_and_leaves_the_model_alone() -> None:
     assert fast.arch == "lab" and fast.depth == 2  # so train.forward_full can take it in the model's place
 
 
+@pytest.mark.parametrize("arch", ["lab", "paper"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_inference_model_fuses_conv_relu_with_identical_outputs(arch: str, precision: str) -> None:
+    if precision == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    torch.manual_seed(0)
+    net = build_model(arch, **TINY).eval()
+    size = 32 if arch == "lab" else 44  # the paper U-Net's output of a 44x44 input is 4x4
+    x = torch.rand(2, net.config["in_channels"], size, size)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    plain = copy.deepcopy(net).to(dtype=dtype, memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = plain(x.to(dtype).contiguous(memory_format=torch.channels_last)).float()
+    fast = InferenceModel(net, precision, CPU)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in net.modules())
+    assert fast.fused_conv_relu == n_convs - 1  # every 3x3 conv; the 1x1 logits conv has no ReLU
+    assert torch.equal(fast(x), expected)
+    assert sum(isinstance(m, nn.ReLU) for m in fast.net.modules()) == 0
+    assert isinstance(net.encoder[0].convs[1], nn.ReLU)  # the source model is left as it was
+
+
 def test_inference_model_can_keep_an_fp32_head_in_bf16() -> None:
     net = build_model("lab", **TINY)
     fast = InferenceModel(net, "bf16", CPU, fp32_head=True)
