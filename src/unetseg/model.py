@@ -126,9 +126,12 @@ class _TransposedConvSameCPU(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(padded, weight, stride=2)
         if ctx.needs_input_grad[1]:
-            taps = [padded[:, :, kh : kh + 2 * h : 2, kw : kw + 2 * w : 2].permute(0, 2, 3, 1)
-                    for kh in range(3) for kw in range(3)]
-            g = torch.stack(taps, 3).reshape(n * h * w, 9 * c_out)  # (pixels, (kh, kw, C_out))
+            # The nine taps g[kh::2, kw::2] as one strided view (N, H, W, kh, kw, C_out) of the padded
+            # gradient, copied once into GEMM rows: torch.stack of nine strided slices took ~1.7x as long.
+            p = padded.permute(0, 2, 3, 1)
+            sn, sh, sw, sc = p.stride()
+            taps = p.as_strided((n, h, w, 3, 3, c_out), (sn, 2 * sh, 2 * sw, sh, sw, sc), p.storage_offset())
+            g = taps.reshape(n * h * w, 9 * c_out)  # (pixels, (kh, kw, C_out))
             x_rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)  # a view for channels_last x
             grad_w = (x_rows.t() @ g).view(c_in, 3, 3, c_out).permute(0, 3, 1, 2).contiguous()
         if ctx.has_bias and ctx.needs_input_grad[2]:
