@@ -239,8 +239,9 @@ def _fusable_conv(m: torch.nn.Module) -> bool:
 
 def fuse_conv_relu(net: torch.nn.Module) -> int:
     """Turn, in place, each ``Conv2d`` directly followed by a ``ReLU`` (in an ``nn.Sequential``, or the lab
-    U-Net's ``conv9``/``relu9``) into a ``_ConvReLU`` and that ReLU into an ``Identity``; returns how many. For inference on the CPU only (the fused
-    op has no autograd formula and no GPU kernel); a no-op where oneDNN is unavailable."""
+    U-Net's ``conv9``/``relu9``) into a ``_ConvReLU`` and that ReLU into an ``Identity``; returns how many.
+    For inference on the CPU only (the fused op has no autograd formula and no GPU kernel); a no-op where
+    oneDNN is unavailable."""
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
         return 0
     fused = 0
@@ -271,7 +272,8 @@ class InferenceModel(torch.nn.Module):
     * ``bf16``: the copy's weights are stored in bf16 (not autocast, which re-casts every weight on every
       call); logits are returned as fp32 (``fp32_head=True`` also computes the last 1x1 conv in fp32).
     * channels_last on the CPU: oneDNN's native layout, so no reorders around each conv.
-    * eager on the CPU: each conv + ReLU runs as one oneDNN primitive (``fuse_conv_relu``), same outputs.
+    * eager on the CPU: each conv + ReLU runs as one oneDNN primitive (``fuse_conv_relu``; ``fuse=False``
+      keeps them apart), same outputs.
     * ``compiled``: ``torch.compile`` with inductor and weight freezing (constant-folded, prepacked
       weights, convs fused with bias and ReLU). Shapes are static: a batch smaller than ``batch_size``
       is zero-padded so that every call reuses one compiled graph.
@@ -288,6 +290,7 @@ class InferenceModel(torch.nn.Module):
         compiled: bool = False,
         batch_size: int | None = None,
         fp32_head: bool = False,
+        fuse: bool = True,
     ) -> None:
         super().__init__()
         self.device = torch.device(device)
@@ -314,7 +317,7 @@ class InferenceModel(torch.nn.Module):
         self.fused_conv_relu = 0
         if compiled:
             self._fn = torch.compile(self.net, dynamic=False)
-        elif self.device.type == "cpu":
+        elif fuse and self.device.type == "cpu":
             self.fused_conv_relu = fuse_conv_relu(self.net)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

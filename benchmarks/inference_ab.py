@@ -1,0 +1,71 @@
+"""A/B of the lab model's CPU inference paths at batch 32, interleaved in one process.
+
+  autocast   eager, fp32 weights under bf16 autocast (the benchmark's ``bf16`` mode)
+  unfused    ``runtime.InferenceModel`` eager with ``fuse=False``: bf16 weights, conv and ReLU apart
+  fused      ``runtime.InferenceModel`` eager as predict/evaluate run it: each conv + ReLU one primitive
+  compiled   ``runtime.InferenceModel(compiled=True)``: inductor with frozen weights (``--compiled``)
+
+Each round runs every path once after an untimed pause (so no thread pool is still spinning); prints
+the median img/s of each, its ratio to the first, and checks that fused and unfused give the same logits.
+
+Usage: python benchmarks/inference_ab.py [--rounds 15] [--threads 2] [--compiled]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from unetseg.model import build_model
+from unetseg.runtime import InferenceModel, autocast, flush_denormals, retain_freed_memory, set_threads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compiled", action="store_true", help="also time the compiled path")
+    args = ap.parse_args()
+    set_threads(args.threads)
+    retain_freed_memory()
+    flush_denormals()
+    cpu, cl = torch.device("cpu"), torch.channels_last
+    torch.manual_seed(0)
+    model = build_model("lab").eval()
+    x = torch.rand(32, 3, 96, 128)
+    net = copy.deepcopy(model).to(memory_format=cl)
+
+    def autocast_path(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), autocast("bf16", cpu):
+            return net(images.contiguous(memory_format=cl)).float()
+
+    paths = {
+        "autocast": autocast_path,
+        "unfused": InferenceModel(model, "bf16", cpu, fuse=False),
+        "fused": InferenceModel(model, "bf16", cpu),
+    }
+    if args.compiled:
+        paths["compiled"] = InferenceModel(model, "bf16", cpu, compiled=True, batch_size=32)
+    assert torch.equal(paths["fused"](x), paths["unfused"](x)), "fused and unfused logits differ"
+    for fn in paths.values():  # warm-up (and compiling)
+        fn(x)
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(args.rounds):
+        for name, fn in paths.items():
+            time.sleep(0.25)
+            t = time.perf_counter()
+            fn(x)
+            times[name].append(time.perf_counter() - t)
+    first = None
+    for name, ts in times.items():
+        ips = 32 / statistics.median(ts)
+        first = first or ips
+        print(f"{name:9s} {ips:7.1f} img/s  {ips / first:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
