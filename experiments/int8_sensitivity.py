@@ -1,0 +1,140 @@
+"""Why int8 inference loses accuracy on a checkpoint, and what keeping parts of it in float recovers.
+
+For a trained checkpoint and its dataset, this prints (1) the range of every ReLU / concatenation / pool
+output on a few training frames: its max against its 99th and 99.99th percentiles (ONNX Runtime's static
+int8 uses one uint8 scale per tensor, max / 255 with MinMax calibration, so a tensor whose max is 100x its
+99th percentile keeps only a few levels for almost all of its values), and (2) the validation mIoU of
+int8 variants, each against fp32 eager on the run's validation frames:
+
+  qdq            what ``export.quantize_int8`` makes (QDQ on every quantizable op; logits conv in float)
+  qdq, every conv in float   the same with no conv quantized: what the QDQ pairs around pools,
+                 concatenations and reshapes cost alone
+  conv-only      only the convs quantized (no QDQ around pools, concatenations, reshapes)
+  conv-only, decoder levels 1-2 in float   ... and the six convs of the two deepest decoder levels
+                 (the 1/8 and 1/4 resolution ones) kept in float
+  qdq, decoder levels 1-2 in float
+
+For the lab architecture at depth 4 (the graph order of its 24 convs is assumed).
+
+Example:
+    python experiments/int8_sensitivity.py --checkpoint runs/def40/best.pt --data ../shared/data/carla
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import int8_quality  # noqa: E402  (benchmarks/int8_quality.py: the split and the scores)
+
+from unetseg.checkpoint import load_checkpoint  # noqa: E402
+from unetseg.data import load_dataset  # noqa: E402
+from unetseg.export import OnnxPredictor, export_onnx, quantize_int8  # noqa: E402
+from unetseg.model import Concatenate, model_from_checkpoint  # noqa: E402
+from unetseg.runtime import set_threads  # noqa: E402
+
+
+@contextlib.contextmanager
+def quantize_static_options(exclude: list[str], op_types: list[str] | None) -> Iterator[None]:
+    """Pass extra options to ONNX Runtime's ``quantize_static`` as ``export.quantize_int8`` calls it."""
+    import onnxruntime.quantization as oq
+
+    original = oq.quantize_static
+
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        kwargs["nodes_to_exclude"] = list(kwargs.get("nodes_to_exclude") or []) + exclude
+        if op_types:
+            kwargs["op_types_to_quantize"] = op_types
+        return original(*args, **kwargs)
+
+    oq.quantize_static = patched
+    try:
+        yield
+    finally:
+        oq.quantize_static = original
+
+
+def activation_ranges(model: torch.nn.Module, frames: torch.Tensor) -> list[tuple[str, float, float, float]]:
+    """(name, max, 99th, 99.99th percentile) of each ReLU, concatenation and pool output on ``frames``."""
+    rows: list[tuple[str, float, float, float]] = []
+    gen = torch.Generator().manual_seed(0)
+
+    def hook(name: str) -> Any:
+        def record(_m: torch.nn.Module, _i: Any, out: torch.Tensor) -> None:
+            v = out.detach().float().flatten()
+            sample = v[torch.randperm(v.numel(), generator=gen)[:1_000_000]]
+            q = torch.quantile(sample, torch.tensor([0.99, 0.9999]))
+            rows.append((name, v.max().item(), q[0].item(), q[1].item()))
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.ReLU | torch.nn.MaxPool2d | Concatenate)]
+    with torch.inference_mode():
+        model(frames)
+    for h in handles:
+        h.remove()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--calibration", type=int, default=64, help="training frames to calibrate int8 on")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    set_threads(args.threads)
+    ckpt = Path(args.checkpoint)
+    state = load_checkpoint(ckpt)
+    model = model_from_checkpoint(state).eval()
+    pre = state.get("preprocess") or {}
+    size = tuple(pre.get("size") or (96, 128))
+    data = load_dataset(args.data, size=size, resize_mode=pre.get("resize_mode", "default"), progress=False)
+    train_idx, val_idx = int8_quality._split(ckpt, data.names)
+    n_classes = int(state["model_config"]["n_classes"])
+    images, masks = data.images[val_idx].float() / 255, data.masks[val_idx].long()
+    calib = data.images[train_idx[: args.calibration]]
+
+    print(f"activation ranges on 16 training frames of {ckpt}:")
+    for name, mx, p99, p9999 in activation_ranges(model, calib[:16].float() / 255):
+        print(f"  {name:24s} max {mx:8.2f}  p99 {p99:8.3f}  p99.99 {p9999:8.2f}  max/p99 {mx / max(p99, 1e-6):7.1f}")
+
+    def predict(fn: Any) -> torch.Tensor:
+        return torch.cat([torch.as_tensor(fn(images[i : i + 16])).argmax(1) for i in range(0, len(images), 16)])
+
+    with torch.inference_mode():
+        ref = predict(model)
+    print(f"\nvalidation ({len(val_idx)} frames), int8 calibrated on {len(calib)} training frames (MinMax):")
+    print(f"  {'fp32 eager':44s} mIoU {int8_quality._score(ref, masks, ref, n_classes)['miou']:6.2f} %")
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(model, Path(tmp) / "m.onnx", input_size=size, rewrite_transposed=True)
+        import onnx
+
+        convs = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
+        # graph order: 10 encoder convs, then per decoder level its up-conv and two convs, conv9, head
+        deep_decoder = convs[10:16]
+        variants = {
+            "qdq": ([], None),
+            "qdq, every conv in float": (convs, None),
+            "conv-only": ([], ["Conv"]),
+            "conv-only, decoder levels 1-2 in float": (deep_decoder, ["Conv"]),
+            "qdq, decoder levels 1-2 in float": (deep_decoder, None),
+        }
+        for name, (exclude, op_types) in variants.items():
+            with quantize_static_options(exclude, op_types):
+                q = quantize_int8(fp32, calib, Path(tmp) / "q.onnx")
+            s = int8_quality._score(predict(OnnxPredictor(q, threads=args.threads)), masks, ref, n_classes)
+            print(f"  {name:44s} mIoU {s['miou']:6.2f} %  agreement with fp32 {s['agreement_with_fp32']:6.2f} %")
+
+
+if __name__ == "__main__":
+    main()
