@@ -6,6 +6,7 @@ The rewrite tests need only torch; everything that runs a model in ONNX Runtime 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,19 @@ def test_int8_quantization_is_static_qdq_per_channel(tiny: nn.Module, tiny_onnx:
     assert err < 0.1
 
 
+def test_int8_quantization_warns_when_its_classes_stray_from_fp32(tiny_onnx: Path, tmp_path: Path) -> None:
+    from unetseg.export import int8_agreement, quantize_int8
+
+    frames = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="agree with the fp32 model's on only"):
+        q = quantize_int8(tiny_onnx, frames, tmp_path / "q.onnx", min_agreement=1.01)  # cannot be met
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize_int8(tiny_onnx, frames, tmp_path / "q2.onnx", check_frames=0, min_agreement=1.01)
+    assert int8_agreement(tiny_onnx, tiny_onnx, frames[:2]) == 1.0
+    assert 0.5 < int8_agreement(tiny_onnx, q, frames) < 1.0  # near-ties of random weights flip some pixels
+
+
 def test_quantize_rejects_bad_inputs(tiny_onnx: Path, tmp_path: Path) -> None:
     from unetseg.export import quantize_int8
 
@@ -151,6 +165,8 @@ def test_quantize_rejects_bad_inputs(tiny_onnx: Path, tmp_path: Path) -> None:
         quantize_int8(tiny_onnx, torch.zeros(3, 32, 32), tmp_path / "q.onnx")
     with pytest.raises(UnetsegError, match="calibration method"):
         quantize_int8(tiny_onnx, torch.zeros(1, 3, 32, 32), tmp_path / "q.onnx", method="magic")
+    with pytest.raises(UnetsegError, match="check_frames"):
+        quantize_int8(tiny_onnx, torch.zeros(1, 3, 32, 32), tmp_path / "q.onnx", check_frames=-1)
 
 
 def test_predictor_missing_file(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ Images go in as float32 ``(N, 3, H, W)`` scaled to ``[0, 1]`` (uint8 / 255, as t
   The shuffle is written as NHWC reshapes/permutes rather than ``DepthToSpace``, so ONNX Runtime's
   NHWC int8 convs need no layout transposes around it.
 * ``quantize_int8(onnx_path, calibration_images, out_path)`` does static post-training quantization
-  (QDQ format, uint8 activations, per-channel int8 weights) calibrated on training frames.
+  (QDQ format, uint8 activations, per-channel int8 weights) calibrated on training frames, and warns
+  when the int8 model's classes stray from the fp32 model's on them (``int8_agreement``).
 * ``OnnxPredictor(path, threads=None)`` runs either model with ONNX Runtime: ``predictor(images)``.
 
 ONNX Runtime is an optional extra (``pip install unetseg[onnx]``); it is imported only when used.
@@ -55,6 +56,7 @@ __all__ = [
     "rewrite_transposed_convs",
     "export_onnx",
     "quantize_int8",
+    "int8_agreement",
     "OnnxPredictor",
     "onnxruntime_available",
 ]
@@ -259,6 +261,8 @@ def quantize_int8(
     method: str = "minmax",
     calibration_batch: int = 8,
     keep_head_fp32: bool = True,
+    check_frames: int = 16,
+    min_agreement: float = 0.96,
 ) -> Path:
     """Static post-training int8 quantization (QDQ, uint8 activations, per-channel int8 weights).
 
@@ -272,6 +276,10 @@ def quantize_int8(
         keep_head_fp32: leave the final 1x1 logits conv in float, so logits are not rounded to 256 levels:
             on the lab model that halved int8's mIoU loss (0.5 instead of 1.0 point) for ~1 % of its speed
             (BENCHMARKS.md).
+        check_frames: after quantizing, compare the int8 model's argmax with the fp32 model's on this many
+            calibration frames (0: skip) and warn when they agree on fewer than ``min_agreement`` of the
+            pixels. On training frames the lab recipe's checkpoint agreed on 97.3 % (0.77 mIoU point lost
+            on validation frames), the default recipe's on 94.4 % (8.3 points lost).
 
     Weights are symmetric per output channel; activations asymmetric per tensor. ``reduce_range`` (7-bit
     weights) is used only on CPUs without VNNI, where the u8 x s8 multiply can saturate.
@@ -298,6 +306,8 @@ def quantize_int8(
     }
     if method not in methods:
         raise UnetsegError(f"calibration method {method!r} is not one of {', '.join(methods)}")
+    if check_frames < 0:
+        raise UnetsegError(f"check_frames {check_frames} must be 0 (no check) or more")
     frames = _as_float_images(calibration_images)
     if frames.ndim != 4 or len(frames) == 0:
         raise UnetsegError(f"calibration images must be (N, C, H, W) with N >= 1, got shape {frames.shape}")
@@ -351,7 +361,29 @@ def quantize_int8(
             nodes_to_exclude=exclude,
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
         )
+    if check_frames > 0:
+        agreement = int8_agreement(onnx_path, out_path, frames[:check_frames])
+        if agreement < min_agreement:
+            warnings.warn(
+                f"{out_path}: the int8 model's classes agree with the fp32 model's on only {agreement:.1%} of "
+                f"the pixels of {min(check_frames, len(frames))} calibration frames (below {min_agreement:.0%}): "
+                "expect a large accuracy loss; measure it on validation frames with benchmarks/int8_quality.py "
+                "and prefer the bf16 path (BENCHMARKS.md, session 6)",
+                UserWarning,
+                stacklevel=2,
+            )
     return out_path
+
+
+def int8_agreement(
+    fp32_path: str | os.PathLike, int8_path: str | os.PathLike, images: torch.Tensor | np.ndarray
+) -> float:
+    """Share of pixels whose top class the two ONNX models agree on, for ``images (N, C, H, W)`` (uint8 or
+    float in ``[0, 1]``): 1.0 when they always agree."""
+    x = _as_float_images(images)
+    a = OnnxPredictor(fp32_path).run_numpy(x).argmax(1)
+    b = OnnxPredictor(int8_path).run_numpy(x).argmax(1)
+    return float((a == b).mean())
 
 
 class OnnxPredictor:
