@@ -153,6 +153,19 @@ def test_inference_model_fuses_conv_relu_with_identical_outputs(arch: str, preci
     assert isinstance(net.encoder[0].convs[1], nn.ReLU)  # the source model is left as it was
 
 
+def test_inference_model_keeps_conv_and_relu_apart_where_the_fused_op_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unetseg.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_fused_conv_runs", lambda dtype: False)
+    torch.manual_seed(0)
+    net = build_model("lab", **TINY).eval()
+    fast = InferenceModel(net, "fp32", CPU)
+    assert fast.fused_conv_relu == 0 and any(isinstance(m, nn.ReLU) for m in fast.net.modules())
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), net(x))
+
+
 def test_inference_model_can_keep_an_fp32_head_in_bf16() -> None:
     net = build_model("lab", **TINY)
     fast = InferenceModel(net, "bf16", CPU, fp32_head=True)

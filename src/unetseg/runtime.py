@@ -220,10 +220,11 @@ class _Fp32Head(torch.nn.Module):
 class _ConvReLU(torch.nn.Conv2d):
     """A ``Conv2d`` and the ``ReLU`` after it as one oneDNN primitive (ReLU as the conv's post-op), CPU only.
 
-    ``fuse_conv_relu`` turns a conv into one in place (same parameters and state-dict keys). The outputs are
-    identical to conv-then-ReLU (ReLU commutes with rounding to bf16); what goes is the separate pass over
-    each activation: on the lab model in bf16 eager (batch 32, 2 cores) 3.7 % more images/s
-    (BENCHMARKS.md). ``torch.compile`` does the same fusion itself, so compiled models keep plain layers.
+    ``fuse_conv_relu`` turns a conv into one in place (same parameters and state-dict keys). The outputs
+    are identical to conv-then-ReLU (ReLU commutes with rounding to bf16); what goes is the separate pass
+    over each activation: on the lab model in bf16 eager (batch 32, 2 cores) 4.4 % more images/s
+    (``benchmarks/inference_ab.py``, BENCHMARKS.md). ``torch.compile`` does the same fusion itself, so
+    compiled models keep plain layers.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,12 +238,27 @@ def _fusable_conv(m: torch.nn.Module) -> bool:
     return type(m) is torch.nn.Conv2d and not isinstance(m.padding, str) and m.padding_mode == "zeros"
 
 
+@functools.cache
+def _fused_conv_runs(dtype: torch.dtype) -> bool:
+    """Whether this torch build runs oneDNN's fused conv + ReLU for ``dtype`` on the CPU (a tiny trial: the
+    op is internal to torch and not every build or CPU has it)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    try:
+        x, w = torch.ones(1, 1, 3, 3, dtype=dtype), torch.ones(1, 1, 1, 1, dtype=dtype)
+        y = torch.ops.mkldnn._convolution_pointwise(x, -w, None, [0, 0], [1, 1], [1, 1], 1, "relu", [], "")
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool((y == 0).all())
+
+
 def fuse_conv_relu(net: torch.nn.Module) -> int:
     """Turn, in place, each ``Conv2d`` directly followed by a ``ReLU`` (in an ``nn.Sequential``, or the lab
     U-Net's ``conv9``/``relu9``) into a ``_ConvReLU`` and that ReLU into an ``Identity``; returns how many.
     For inference on the CPU only (the fused op has no autograd formula and no GPU kernel); a no-op where
     oneDNN is unavailable."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+    dtype = next((p.dtype for p in net.parameters()), torch.float32)
+    if not _fused_conv_runs(dtype):
         return 0
     fused = 0
     for module in list(net.modules()):
