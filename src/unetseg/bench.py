@@ -100,8 +100,8 @@ LAB_TRAIN_IMAGES = 40 * 1060
 LAB_INFER_IMAGES = 1060
 # Pause before each subject's turn in a round (untimed). Thread pools that busy-wait after their work
 # (ONNX Runtime's by default, TensorFlow's Eigen pool in the Keras workers) otherwise take CPU from the
-# next subject: right after an ONNX Runtime int8 batch, the lab model's bf16 inference batch took 288 ms
-# instead of 244 (median of 9 on 2 cores), and 0.2 s of sleep was enough for it to recover.
+# next subject: right after an ONNX Runtime int8 batch, the lab model's bf16 inference batch took 308 ms,
+# 253 ms after a 0.2 s pause, 247 ms after another torch batch (experiments/ort_spin.py, 2 cores).
 SETTLE_S = 0.25
 
 
