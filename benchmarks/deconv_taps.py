@@ -10,12 +10,12 @@ Usage: python benchmarks/deconv_taps.py [--rounds 11] [--threads 2]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from unetseg.bench import interleaved_medians
 from unetseg.runtime import retain_freed_memory, set_threads
 
 # (C_in, C_out, H, W) of the lab model's transposed convs: input H x W, output 2H x 2W
@@ -50,13 +50,8 @@ def main() -> None:
         g = torch.randn(32, cout, 2 * h, 2 * w).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         padded = F.pad(g, (0, 1, 0, 1))
         assert torch.equal(stacked(padded, h, w), strided(padded, h, w))
-        times: dict[str, list[float]] = {"stack": [], "strided": []}
-        for _ in range(args.rounds):
-            for name, fn in (("stack", stacked), ("strided", strided)):
-                t = time.perf_counter()
-                fn(padded, h, w)
-                times[name].append(time.perf_counter() - t)
-        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        fns = {"stack": partial(stacked, padded, h, w), "strided": partial(strided, padded, h, w)}
+        med = {k: 1e3 * v for k, v in interleaved_medians(fns, args.rounds).items()}
         for k, v in med.items():
             totals[k] += v
         print(f"C_out {cout:3d} at {2 * h}x{2 * w}: stack {med['stack']:.2f} ms, strided {med['strided']:.2f} ms")

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+from functools import partial
 
 import torch
 
+from unetseg.bench import SETTLE_S, interleaved_medians
 from unetseg.model import build_model
 from unetseg.runtime import InferenceModel, autocast, flush_denormals, retain_freed_memory, set_threads
 
@@ -51,18 +51,11 @@ def main() -> None:
     if args.compiled:
         paths["compiled"] = InferenceModel(model, "bf16", cpu, compiled=True, batch_size=32)
     assert torch.equal(paths["fused"](x), paths["unfused"](x)), "fused and unfused logits differ"
-    for fn in paths.values():  # warm-up (and compiling)
-        fn(x)
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(args.rounds):
-        for name, fn in paths.items():
-            time.sleep(0.25)
-            t = time.perf_counter()
-            fn(x)
-            times[name].append(time.perf_counter() - t)
+    # one warm-up round (and compiling), then the timed rounds
+    medians = interleaved_medians({k: partial(fn, x) for k, fn in paths.items()}, args.rounds, 1, SETTLE_S)
     first = None
-    for name, ts in times.items():
-        ips = 32 / statistics.median(ts)
+    for name, sec in medians.items():
+        ips = 32 / sec
         first = first or ips
         print(f"{name:9s} {ips:7.1f} img/s  {ips / first:.3f}x")
 

@@ -22,12 +22,12 @@ Usage: python experiments/conv_weight_grad.py [--rounds 7] [--threads 2] [--fwdc
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from unetseg.bench import interleaved_medians
 from unetseg.runtime import flush_denormals, retain_freed_memory, set_threads
 
 # (C_in, C_out, H, W) of the lab model's 3x3 convs at batch 32 (decoder convs after the concatenation)
@@ -96,13 +96,8 @@ def main() -> None:
         w = torch.randn(cout, cin, 3, 3, generator=gen).to(torch.bfloat16).contiguous(memory_format=cl)
         ref = onednn(x, g, w).float()
         errs = {k: ((f(x, g, w).float() - ref).abs().max() / ref.abs().max()).item() for k, f in ways.items()}
-        times: dict[str, list[float]] = {k: [] for k in ways}
-        for _ in range(args.rounds):
-            for k, f in ways.items():
-                t = time.perf_counter()
-                f(x, g, w)
-                times[k].append(time.perf_counter() - t)
-        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        fns = {k: partial(f, x, g, w) for k, f in ways.items()}
+        med = {k: 1e3 * v for k, v in interleaved_medians(fns, args.rounds).items()}
         for k, v in med.items():
             totals[k] += v
         gflop = 2 * 9 * cin * cout * h * wd * 32 / 1e9

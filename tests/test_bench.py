@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetseg.bench import ALL_MODES, Subject, add_arguments, count_flops, main, run_benchmark
+from unetseg.bench import (
+    ALL_MODES,
+    Subject,
+    add_arguments,
+    count_flops,
+    interleaved_medians,
+    main,
+    run_benchmark,
+)
 from unetseg.errors import UnetsegError
 from unetseg.model import ConvTranspose2dSame, build_model, unet_model
 from unetseg.runtime import (
@@ -249,6 +257,19 @@ def test_benchmark_pauses_between_subjects() -> None:
     assert len(after_a) == 3 and min(after_a) >= 0.05  # 1 warm-up + 2 timed rounds
     with pytest.raises(UnetsegError, match="settle_s"):
         _quick(modes=["fp32"], parts=("infer",), settle_s=-1)
+
+
+def test_interleaved_medians_run_round_robin_and_skip_warm_up() -> None:
+    calls: list[str] = []
+    slow_times = iter([0.2] + [0.03] * 3)  # the warm-up call is the slow outlier; it must not count
+
+    def slow() -> None:
+        calls.append("slow")
+        time.sleep(next(slow_times))
+
+    medians = interleaved_medians({"slow": slow, "fast": lambda: calls.append("fast")}, rounds=3, warmup=1)
+    assert calls == ["slow", "fast"] * 4
+    assert 0.03 <= medians["slow"] < 0.2 and medians["fast"] < 0.03
 
 
 def test_benchmark_cpu_clock() -> None:

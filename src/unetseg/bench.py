@@ -39,8 +39,8 @@ Example:
     >>> from unetseg.bench import run_benchmark
     >>> r = run_benchmark(quick=True, size=(32, 32), batch_size=4, modes=["fp32", "auto"],
     ...                   model_options=dict(base_filters=4, depth=2, n_classes=5), verbose=False)
-    >>> sorted(r)[:3]
-    ['auto', 'environment', 'gflop_per_image']
+    >>> r["infer_images_per_s"] > 0 and r["auto"]["precision"] in ("bf16", "fp32")
+    True
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -434,6 +434,28 @@ def _onnx_subject(name: str, s: _Setup, workdir: Path, parts: set[str], threads:
 
 
 # ------------------------------------------------------------------------------------------------ runner
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 0, settle_s: float = 0.0
+) -> dict[str, float]:
+    """Median seconds of each callable, run round-robin (one call each per round) so that a machine whose
+    speed drifts slows them alike; ``warmup`` untimed rounds first, ``settle_s`` untimed sleep before each
+    call. For the A/B scripts in ``benchmarks/`` and ``experiments/``; ``run_benchmark`` does the same for
+    its modes.
+
+    >>> sorted(interleaved_medians({"a": lambda: None, "b": lambda: None}, rounds=3))
+    ['a', 'b']
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            time.sleep(settle_s)
+            t = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def _median(xs: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
 

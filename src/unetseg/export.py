@@ -381,8 +381,9 @@ def int8_agreement(
     """Share of pixels whose top class the two ONNX models agree on, for ``images (N, C, H, W)`` (uint8 or
     float in ``[0, 1]``): 1.0 when they always agree."""
     x = _as_float_images(images)
-    a = OnnxPredictor(fp32_path).run_numpy(x).argmax(1)
-    b = OnnxPredictor(int8_path).run_numpy(x).argmax(1)
+    # spin=False: spinning only changes speed, and deciding it samples the machine's load for 0.5 s each
+    a = OnnxPredictor(fp32_path, spin=False).run_numpy(x).argmax(1)
+    b = OnnxPredictor(int8_path, spin=False).run_numpy(x).argmax(1)
     return float((a == b).mean())
 
 

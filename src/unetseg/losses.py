@@ -143,7 +143,7 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Computed over the whole batch (not per image), so it follows the dataset-level mIoU that evaluation
     reports. For each present class the pixels' errors ``|[t == c] − p_c|`` are sorted in decreasing order
     and weighted by the steps of the Jaccard index along that order (the Lovász extension's gradient); the
-    sort is the cost, ~100 ms for 15 classes x 164k pixels at 2 threads. fp32 throughout.
+    sort is the cost: 29 % more time per epoch of the default recipe (BENCHMARKS.md). fp32 throughout.
     """
     n_classes = logits.shape[1]
     # (pixels, classes); a view for channels_last logits, a copy otherwise.
