@@ -41,10 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import int8_quality  # noqa: E402  (benchmarks/int8_quality.py: the split and the scores)
 
-from unetseg.checkpoint import load_checkpoint  # noqa: E402
-from unetseg.data import load_dataset  # noqa: E402
 from unetseg.export import OnnxPredictor, export_onnx, quantize_int8  # noqa: E402
-from unetseg.model import Concatenate, model_from_checkpoint  # noqa: E402
+from unetseg.model import Concatenate  # noqa: E402
 from unetseg.runtime import set_threads  # noqa: E402
 
 
@@ -136,15 +134,9 @@ def main() -> None:
     args = ap.parse_args()
     set_threads(args.threads)
     ckpt = Path(args.checkpoint)
-    state = load_checkpoint(ckpt)
-    model = model_from_checkpoint(state).eval()
-    pre = state.get("preprocess") or {}
-    size = tuple(pre.get("size") or (96, 128))
-    data = load_dataset(args.data, size=size, resize_mode=pre.get("resize_mode", "default"), progress=False)
-    train_idx, val_idx = int8_quality._split(ckpt, data.names)
-    n_classes = int(state["model_config"]["n_classes"])
-    images, masks = data.images[val_idx].float() / 255, data.masks[val_idx].long()
-    calib = data.images[train_idx[: args.calibration]]
+    r = int8_quality.load_run(ckpt, args.data)
+    model, size, n_classes, images, masks = r.model, r.size, r.n_classes, r.images, r.masks
+    calib = r.train_images[: args.calibration]
 
     print(f"activation ranges on 16 training frames of {ckpt}:")
     for name, mx, p99, p9999 in activation_ranges(model, calib[:16].float() / 255):
@@ -155,7 +147,7 @@ def main() -> None:
 
     with torch.inference_mode():
         ref = predict(model)
-    print(f"\nvalidation ({len(val_idx)} frames), int8 calibrated on {len(calib)} training frames (MinMax):")
+    print(f"\nvalidation ({len(images)} frames), int8 calibrated on {len(calib)} training frames (MinMax):")
     print(f"  {'fp32 eager':44s} mIoU {int8_quality._score(ref, masks, ref, n_classes)['miou']:6.2f} %")
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(model, Path(tmp) / "m.onnx", input_size=size, rewrite_transposed=True)

@@ -6,6 +6,7 @@ The rewrite tests need only torch; everything that runs a model in ONNX Runtime 
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -175,3 +176,134 @@ def test_predictor_missing_file(tmp_path: Path) -> None:
 
     with pytest.raises(UnetsegError, match="no such ONNX model"):
         OnnxPredictor(tmp_path / "nope.onnx")
+
+
+def test_float_levels_leave_a_decoder_level_unquantized(tiny_onnx: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from unetseg.export import OnnxPredictor, decoder_level_nodes, quantize_int8
+
+    model = onnx.load(str(tiny_onnx))
+    ops = {n.name: n.op_type for n in model.graph.node}
+    level0 = decoder_level_nodes(model, 0)
+    # the up-conv, the concatenation and the two convs after it (plus the shuffle and ReLUs between)
+    assert [ops[n] for n in level0].count("Conv") == 3 and [ops[n] for n in level0].count("Concat") == 1
+    assert set(level0).isdisjoint(decoder_level_nodes(model, 1))
+    with pytest.raises(UnetsegError, match="decoder level 2 does not exist"):
+        decoder_level_nodes(model, 2)
+
+    frames = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def float_convs(path: Path) -> int:
+        graph = onnx.load(str(path)).graph
+        floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+        return sum(n.op_type == "Conv" and n.input[1] in floats for n in graph.node)
+
+    all_int8 = quantize_int8(tiny_onnx, frames, tmp_path / "all.onnx", check_frames=0)
+    level0_float = quantize_int8(tiny_onnx, frames, tmp_path / "l0.onnx", float_levels=[0], check_frames=0)
+    assert float_convs(all_int8) == 1  # the logits conv
+    assert float_convs(level0_float) == 1 + 3
+    x = frames[:2].float() / 255
+    assert OnnxPredictor(level0_float, threads=1)(x).shape == (2, 5, 32, 32)
+
+
+def _activation_scales(path: Path) -> dict[str, float]:
+    """The uint8 scale of every quantized activation (QuantizeLinear of a float tensor, not a weight)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_percentile_calibration_runs_batch_by_batch_and_clips_the_tails(tiny_onnx: Path, tmp_path: Path) -> None:
+    from unetseg.export import OnnxPredictor, quantize_int8
+
+    frames = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    minmax = _activation_scales(quantize_int8(tiny_onnx, frames, tmp_path / "mm.onnx", check_frames=0))
+    # 12 frames in batches of 2: six separate collections merged into one histogram per tensor
+    q = quantize_int8(tiny_onnx, frames, tmp_path / "pc.onnx", method="percentile", percentile=99.0,
+                      calibration_batch=2, check_frames=0)
+    pct = _activation_scales(q)
+    assert pct.keys() == minmax.keys() and len(pct) > 5
+    assert all(pct[k] <= minmax[k] * (1 + 1e-6) for k in pct)  # a percentile range lies inside the min-max
+    assert sum(pct[k] < 0.9 * minmax[k] for k in pct) >= len(pct) // 2  # and clips most tensors' tails
+    x = frames[:4].float() / 255
+    assert torch.isfinite(OnnxPredictor(q, threads=1)(x)).all()
+    # Every batch counts, not only the last: the brightest input is in the first batch of six.
+    dim = frames // 3
+    dim[0, :, :8, :8] = 255
+    full = _activation_scales(quantize_int8(tiny_onnx, dim, tmp_path / "p100.onnx", method="percentile",
+                                            percentile=100.0, calibration_batch=2, check_frames=0))
+    assert full["images"] == pytest.approx(1 / 255, rel=0.02)  # the range [0, 1] over 255 steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["lab", "paper"])
+def test_export_command_writes_models_that_evaluate_and_predict_run(scenes: Path, tmp_path: Path, arch: str) -> None:
+    pytest.importorskip("onnxruntime")
+    from conftest import TINY_TRAIN
+
+    from unetseg.checkpoint import load_checkpoint
+    from unetseg.cli import main
+    from unetseg.evaluate import evaluate
+    from unetseg.export import OnnxPredictor, calibration_frames
+    from unetseg.model import forward_full, model_from_checkpoint
+    from unetseg.predict import predict
+    from unetseg.train import train
+
+    run = tmp_path / "run"
+    size = [32, 48] if arch == "lab" else [60, 92]  # paper: its unpadded convs need a valid size
+    train(**{**TINY_TRAIN, "arch": arch, "size": size, "epochs": 1}, data=str(scenes), out=str(run))
+    ckpt = run / "best.pt"
+    state = load_checkpoint(ckpt)
+    out = tmp_path / "deploy"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--int8", "--data", str(scenes),
+                 "--calibration", "8"]) == 0
+    info = json.loads((out / "model.json").read_text())
+    assert info["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    assert info["input"]["size"] == size and info["output"]["n_classes"] == len(state["classes"]["names"])
+    assert info["classes"] == state["classes"] and info["val_names"] == state["val_names"]
+    q = info["int8"]
+    assert q["calibration_frames"] == 8 and q["method"] == "minmax" and q["equalized"]
+    assert q["agreement_on"] == "validation frames" and q["agreement_frames"] == min(16, len(state["val_names"]))
+    assert 0.5 < q["agreement_with_fp32"] <= 1.0
+    assert not list(out.glob(".export-*"))  # the staging folder is gone
+
+    # The fp32 model maps frames to logits of the same size, as the checkpoint's model does in predict.
+    frames = calibration_frames(state, scenes, count=4)
+    assert frames.shape == (4, 3, *size) and frames.dtype == torch.uint8
+    x = frames.float() / 255
+    with torch.no_grad():
+        ref = forward_full(model_from_checkpoint(state).eval(), x)
+    assert ref.shape[-2:] == tuple(size)
+    torch.testing.assert_close(OnnxPredictor(out / "model.onnx", threads=1)(x), ref, atol=1e-4, rtol=1e-4)
+
+    # evaluate and predict take the export in place of the checkpoint: the fp32 file scores as the checkpoint
+    # does in fp32, the folder runs the int8 model.
+    kw = dict(split="val", progress=False, threads=1)
+    from_ckpt = evaluate(ckpt, scenes, precision="fp32", **kw)
+    from_fp32 = evaluate(out / "model.onnx", scenes, **kw)
+    assert from_fp32["precision"] == "fp32 (ONNX Runtime)" and from_fp32["frames"] == from_ckpt["frames"]
+    cm_a, cm_b = np.array(from_ckpt["confusion_matrix"]), np.array(from_fp32["confusion_matrix"])
+    assert np.abs(cm_a - cm_b).sum() <= 1e-3 * cm_a.sum()  # float rounding may flip a near-tie or two
+    from_int8 = evaluate(out, scenes, **kw)
+    assert from_int8["precision"] == "int8 (ONNX Runtime)" and 0 <= from_int8["mean_iou"] <= 1
+    written = predict(out, [scenes / "CameraRGB"], tmp_path / "preds", progress=False, threads=1)
+    assert len(written) == 40 and (tmp_path / "preds" / "triplet").is_dir()
+    with pytest.raises(UnetsegError, match="is the export's int8 model"):
+        evaluate(out, scenes, precision="bf16", **kw)
+
+    # A failed export leaves what an earlier one wrote.
+    before = (out / "model.onnx").read_bytes()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--int8"]) == 2
+    assert main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out)]) == 2
+    assert (out / "model.onnx").read_bytes() == before and (out / "model.int8.onnx").is_file()
+    with pytest.raises(UnetsegError, match="no model.json beside it"):
+        evaluate(tmp_path / "elsewhere.onnx", scenes, **kw)
+    # A later fp32-only export replaces the pair: no stale int8 model is left to be picked up.
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert not (out / "model.int8.onnx").exists()
+    assert evaluate(out, scenes, **kw)["precision"] == "fp32 (ONNX Runtime)"

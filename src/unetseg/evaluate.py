@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text, load_checkpoint
+from .checkpoint import atomic_write_text
 from .errors import UnetsegError
 from .metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy
-from .predict import Predictor
+from .predict import Predictor, load_model_file
 
 
 def evaluate(
@@ -42,7 +42,7 @@ def evaluate(
     from .data import find_pairs, read_image, read_mask
     from .data.layouts import palette_or_none
 
-    state = load_checkpoint(checkpoint)
+    state = load_model_file(checkpoint)
     pairs, found_layout = find_pairs(data, layout)
     palette = palette_or_none(palette)  # parse the file once, not per mask
     if split is not None:

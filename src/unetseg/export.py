@@ -12,8 +12,13 @@ Images go in as float32 ``(N, 3, H, W)`` scaled to ``[0, 1]`` (uint8 / 255, as t
   NHWC int8 convs need no layout transposes around it.
 * ``quantize_int8(onnx_path, calibration_images, out_path)`` does static post-training quantization
   (QDQ format, uint8 activations, per-channel int8 weights) calibrated on training frames, and warns
-  when the int8 model's classes stray from the fp32 model's on them (``int8_agreement``).
+  when the int8 model's classes stray from the fp32 model's on them (``int8_agreement``). A trained
+  decoder's activations need rescaling first (``equalize.equalize_activations``, exact in float), and
+  on some checkpoints one decoder level kept in float (``float_levels``): see ``quantize_int8``.
 * ``OnnxPredictor(path, threads=None)`` runs either model with ONNX Runtime: ``predictor(images)``.
+* ``export_checkpoint(checkpoint, out_dir, int8=True, data=DIR)`` (``unetseg export``) does all of it for a
+  checkpoint: ``model.onnx``, the equalized and calibrated ``model.int8.onnx`` and ``model.json`` (input,
+  classes, int8 agreement with fp32); ``load_exported(out_dir)`` reads them back for predict/evaluate.
 
 ONNX Runtime is an optional extra (``pip install unetseg[onnx]``); it is imported only when used.
 
@@ -21,9 +26,11 @@ Example:
     >>> import torch
     >>> from unetseg.model import build_model
     >>> from unetseg.export import export_onnx, quantize_int8, OnnxPredictor
+    >>> from unetseg.equalize import equalize_activations
     >>> net = build_model("lab", base_filters=4, depth=2, n_classes=5).eval()
+    >>> frames = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)      # training frames
+    >>> net = equalize_activations(net, frames)     # the same logits, ranges that int8 can hold
     >>> path = export_onnx(net, "/tmp/tiny.onnx", input_size=(32, 32))           # doctest: +SKIP
-    >>> frames = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     >>> q = quantize_int8(path, frames, "/tmp/tiny.int8.onnx")                   # doctest: +SKIP
     >>> OnnxPredictor(q)(torch.rand(2, 3, 32, 32)).shape                         # doctest: +SKIP
     torch.Size([2, 5, 32, 32])
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
@@ -56,6 +64,11 @@ __all__ = [
     "rewrite_transposed_convs",
     "export_onnx",
     "quantize_int8",
+    "calibration_frames",
+    "export_checkpoint",
+    "load_exported",
+    "FullFrame",
+    "decoder_level_nodes",
     "int8_agreement",
     "OnnxPredictor",
     "onnxruntime_available",
@@ -161,7 +174,7 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, dynamic_batch:
     try:
         from torch.export import Dim
 
-        dyn = {"x": {0: Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+        dyn = ({0: Dim("batch", min=1, max=4096)},) if dynamic_batch else None  # by position: any arg name
         # The new exporter prints progress lines and logs a warning per missing torchvision op; both would
         # clutter every CLI command that exports.
         onnx_log = logging.getLogger("torch.onnx")
@@ -259,8 +272,10 @@ def quantize_int8(
     calibration_images: torch.Tensor | np.ndarray,
     out_path: str | os.PathLike,
     method: str = "minmax",
+    percentile: float = 99.999,
     calibration_batch: int = 8,
     keep_head_fp32: bool = True,
+    float_levels: Sequence[int] = (),
     check_frames: int = 16,
     min_agreement: float = 0.96,
 ) -> Path:
@@ -272,10 +287,17 @@ def quantize_int8(
             in ``[0, 1]``; a few hundred frames are plenty, a few dozen work.
         out_path: where to write the int8 model.
         method: activation-range calibration, ``minmax`` | ``percentile`` | ``entropy``.
+        percentile: for ``method="percentile"``, the share of ``|activation|`` values (in %) each tensor's
+            range keeps; the rest saturate.
         calibration_batch: frames per calibration run (the model's own batch when it is fixed).
         keep_head_fp32: leave the final 1x1 logits conv in float, so logits are not rounded to 256 levels:
             on the lab model that halved int8's mIoU loss (0.5 instead of 1.0 point) for ~1 % of its speed
             (BENCHMARKS.md).
+        float_levels: decoder levels to leave in float (0 = the deepest, next to the bottleneck): each
+            level's up-conv, the ops up to its concatenation, the concatenation and the two convs after it.
+            A fall-back for a checkpoint that equalizing alone does not rescue: on session 3's default-
+            recipe checkpoint (``def40``), already equalized, keeping level 1 in float cut the int8 mIoU
+            loss from 3.38 to 0.43 point, at a cost in speed (BENCHMARKS.md, session 7).
         check_frames: after quantizing, compare the int8 model's argmax with the fp32 model's on this many
             calibration frames (0: skip) and warn when they agree on fewer than ``min_agreement`` of the
             pixels. On 16 training frames the lab recipe's checkpoint agreed on 97.3 % (0.77 mIoU point
@@ -284,9 +306,11 @@ def quantize_int8(
     Weights are symmetric per output channel; activations asymmetric per tensor. ``reduce_range`` (7-bit
     weights) is used only on CPUs without VNNI, where the u8 x s8 multiply can saturate.
 
-    Check the quality on your own checkpoint (``benchmarks/int8_quality.py``): one uint8 scale per tensor
-    cannot hold heavy-tailed activations. The lab recipe's checkpoint lost 0.77 mIoU point, the default
-    recipe's 8.3 points (decoder activations up to 137x their 99th percentile; BENCHMARKS.md, session 6).
+    One uint8 scale per tensor cannot hold a trained decoder's uneven activations: quantize the export of
+    ``equalize.equalize_activations(model, frames)`` (exact in float), as ``export_checkpoint`` does, and
+    check the quality on your own checkpoint (``unetseg evaluate`` takes the export). Quantized as
+    exported, session 6's lab-recipe checkpoint lost 0.77 mIoU point and the default recipe's ``def40``
+    8.28; equalized, −0.07 and 3.38 (BENCHMARKS.md, sessions 6 and 7).
     """
     _require_ort()
     from onnxruntime.quantization import (
@@ -315,16 +339,26 @@ def quantize_int8(
     fixed = _input_batch(onnx_path)
     step = fixed or max(1, calibration_batch)
 
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it: Iterator[dict[str, np.ndarray]] = self._batches()
+    starts = list(range(0, len(frames), step))
+    if fixed and len(starts) > 1 and len(frames) - starts[-1] < fixed:  # a fixed-batch graph takes full batches
+        starts.pop()
 
-        def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-            for i in range(0, len(frames), step):
+    class _Reader(CalibrationDataReader):
+        """Calibration batches; ``set_range`` lets ONNX Runtime take them a few at a time (below)."""
+
+        def __init__(self) -> None:
+            self.set_range(0, len(starts))
+
+        def __len__(self) -> int:
+            return len(starts)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._it: Iterator[dict[str, np.ndarray]] = self._batches(starts[start_index:end_index])
+
+        def _batches(self, batch_starts: list[int]) -> Iterator[dict[str, np.ndarray]]:
+            for i in batch_starts:
                 chunk = frames[i : i + step]
-                if fixed and len(chunk) < fixed:  # a fixed-batch graph takes only full batches
-                    if i:
-                        break
+                if fixed and len(chunk) < fixed:  # fewer frames than the graph's batch: repeat them
                     chunk = np.concatenate([chunk] * math.ceil(fixed / len(chunk)))[:fixed]
                 yield {"images": chunk}
 
@@ -332,13 +366,15 @@ def quantize_int8(
             return next(self._it, None)
 
         def rewind(self) -> None:
-            self._it = self._batches()
+            self.set_range(0, len(starts))
 
     import onnx
 
     model = onnx.load(str(onnx_path))
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     exclude = convs[-1:] if keep_head_fp32 else []
+    for level in float_levels:
+        exclude += decoder_level_nodes(model, level)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "pre.onnx"
@@ -348,31 +384,65 @@ def quantize_int8(
             quant_pre_process(str(onnx_path), str(src), skip_symbolic_shape=True)
         except Exception:  # noqa: BLE001 - pre-processing is an optimisation; the plain model quantizes too
             src = onnx_path
-        quantize_static(
-            str(src),
-            str(out_path),
-            _Reader(),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            reduce_range=not cpu_has_vnni(),
-            calibrate_method=methods[method],
-            nodes_to_exclude=exclude,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-        )
-    if check_frames > 0:
-        agreement = int8_agreement(onnx_path, out_path, frames[:check_frames])
-        if agreement < min_agreement:
-            warnings.warn(
-                f"{out_path}: the int8 model's classes agree with the fp32 model's on only {agreement:.1%} of "
-                f"the pixels of {min(check_frames, len(frames))} calibration frames (below {min_agreement:.0%}): "
-                "expect a large accuracy loss; measure it on validation frames with benchmarks/int8_quality.py "
-                "and prefer the bf16 path (BENCHMARKS.md, session 6)",
-                UserWarning,
-                stacklevel=2,
+        # The histogram calibrators print a line per batch; the CLI's output is not the place for them.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            quantize_static(
+                str(src),
+                str(out_path),
+                _Reader(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                reduce_range=not cpu_has_vnni(),
+                calibrate_method=methods[method],
+                nodes_to_exclude=exclude,
+                extra_options={
+                    "WeightSymmetric": True,
+                    "ActivationSymmetric": False,
+                    "CalibPercentile": percentile,
+                    # The histogram calibrators keep every activation of every batch they are given until they
+                    # histogram them (all of 256 frames at 240x320 took over the machine's 24 GB): handing them
+                    # one batch at a time (ORT's strided collection) bounds that to one batch's activations.
+                    # MinMax reduces inside the graph and needs no striding.
+                    **({} if method == "minmax" else {"CalibStridedMinMax": 1}),
+                },
             )
+    if check_frames > 0:
+        _warn_if_astray(out_path, int8_agreement(onnx_path, out_path, frames[:check_frames]),
+                        f"{min(check_frames, len(frames))} calibration frames", min_agreement)
     return out_path
+
+
+def _warn_if_astray(int8_path: Path, agreement: float, frames: str, min_agreement: float = 0.96) -> None:
+    """Warn when an int8 model's classes agree with fp32's on fewer than ``min_agreement`` of the pixels."""
+    if agreement < min_agreement:
+        warnings.warn(
+            f"{int8_path}: the int8 model's classes agree with the fp32 model's on only {agreement:.1%} of the "
+            f"pixels of {frames} (below {min_agreement:.0%}): expect a large accuracy loss. Quantize the model "
+            "rescaled by equalize.equalize_activations (as export_checkpoint and `unetseg export --int8` do), try "
+            "percentile calibration, measure the loss on validation frames (`unetseg evaluate` takes the export), "
+            "or use the bf16 path",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def decoder_level_nodes(model: Any, level: int) -> list[str]:
+    """Names of the nodes of U-Net decoder level ``level`` (0 = deepest) in an exported ONNX graph: the
+    up-conv (the last conv before the level's concatenation), the ops between it and the concatenation
+    (pixel shuffle, crop), the concatenation, and everything up to and including the second conv after it.
+    ``model`` is an ``onnx.ModelProto``."""
+    nodes = [n for n in model.graph.node if n.op_type != "Constant"]
+    cats = [i for i, n in enumerate(nodes) if n.op_type == "Concat"]
+    if not 0 <= level < len(cats):
+        raise UnetsegError(f"decoder level {level} does not exist: the graph has {len(cats)} (0 to {len(cats) - 1})")
+    c = cats[level]
+    before = [i for i in range(c) if nodes[i].op_type in ("Conv", "ConvTranspose")]
+    after = [i for i in range(c + 1, len(nodes)) if nodes[i].op_type == "Conv"][:2]
+    if not before or len(after) < 2:
+        raise UnetsegError(f"decoder level {level}: expected an up-conv before and two convs after its concatenation")
+    return [n.name for n in nodes[before[-1] : after[1] + 1]]
 
 
 def int8_agreement(
@@ -435,3 +505,156 @@ class OnnxPredictor:
     def __call__(self, images: torch.Tensor | np.ndarray | Sequence[Any]) -> torch.Tensor | np.ndarray:
         out = self.run_numpy(_as_float_images(images))
         return torch.from_numpy(out) if isinstance(images, torch.Tensor) else out
+
+
+def _frames(pairs: list[Any], size: tuple[int, int], resize_mode: str) -> torch.Tensor:
+    """The images of ``pairs`` resized as in training: uint8 ``(N, 3, H, W)``."""
+    from .data import read_image, resize_image
+
+    images = [resize_image(read_image(p.image), size, resize_mode) for p in pairs]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def calibration_frames(
+    state: dict[str, Any], data: str | os.PathLike, count: int = 64, layout: str = "auto", seed: int = 0
+) -> torch.Tensor:
+    """Up to ``count`` images of ``data`` that the checkpoint's run did not validate on, preprocessed as in
+    training: uint8 ``(N, 3, H, W)`` at the checkpoint's input size. Drawn at random (seeded) so that they
+    span the folder's driving runs rather than its first frames."""
+    from .data import find_pairs
+
+    if count < 1:
+        raise UnetsegError(f"calibration frame count {count} must be at least 1")
+    pre = state.get("preprocess") or {}
+    if not pre.get("size"):
+        raise UnetsegError("the checkpoint records no input size (preprocess.size)")
+    held_out = set(state.get("val_names") or [])
+    pairs = [p for p in find_pairs(data, layout, require_masks=False)[0] if p.name not in held_out]
+    if not pairs:
+        raise UnetsegError(f"{data}: no images outside the checkpoint's validation frames to calibrate int8 on")
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:count]
+    return _frames([pairs[i] for i in sorted(order.tolist())], tuple(pre["size"]), pre.get("resize_mode", "default"))
+
+
+class FullFrame(nn.Module):
+    """``model.forward_full`` as a module: logits ``(N, C, H, W)`` for images ``(N, C_in, H, W)`` at the exact
+    input size, whatever the architecture (the paper U-Net's input is mirror-padded so that its smaller
+    output covers the frame, then cropped). Exported, it gives an ONNX model that maps frames to logits
+    of the same size, as ``predict`` does."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = dict(getattr(model, "config", {}))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        from .model import forward_full
+
+        return forward_full(self.model, images)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    int8: bool = False,
+    data: str | os.PathLike | None = None,
+    calibration: int = 64,
+    method: str = "minmax",
+    layout: str = "auto",
+) -> dict[str, Any]:
+    """Write a checkpoint as ONNX models that a runtime can serve, with what it needs to use them.
+
+    ``OUT/model.onnx`` is the fp32 model (dynamic batch, the checkpoint's input size, ``logit_bias``
+    folded in); with ``int8``, ``OUT/model.int8.onnx`` is its int8 version: activations equalized
+    (``equalize.equalize_activations``, exact in float), then quantized by ``quantize_int8`` with
+    ``method`` calibration on ``calibration`` images of ``data`` that the run did not validate on.
+    ``OUT/model.json`` records the input (name, NCHW float32, uint8 / 255, size), the output, the classes
+    and, for int8, the calibration and the share of pixels whose class matches the fp32 model's on up to 16
+    of the run's validation frames found in ``data`` (else on calibration frames). Every file is written
+    to a temporary name and renamed, so a failed export leaves earlier files intact; a successful fp32-only
+    export removes an earlier ``model.int8.onnx``. Returns the ``model.json`` contents.
+    """
+    from .checkpoint import atomic_write_text, load_checkpoint
+    from .data import find_pairs
+    from .equalize import equalize_activations
+    from .model import model_from_checkpoint
+
+    if int8 and data is None:
+        raise UnetsegError("int8 export needs --data DIR: training images to calibrate the int8 ranges on")
+    state = load_checkpoint(checkpoint)
+    pre = dict(state.get("preprocess") or {})
+    if not pre.get("size"):
+        raise UnetsegError(f"{checkpoint}: the checkpoint records no input size (preprocess.size)")
+    size = (int(pre["size"][0]), int(pre["size"][1]))
+    resize_mode = pre.get("resize_mode", "default")
+    model = model_from_checkpoint(state).eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {
+        "format": "unetseg-onnx-1",
+        "checkpoint": str(checkpoint),
+        "epoch": state.get("epoch"),
+        "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "scale": "uint8 / 255",
+                  "size": list(size), "resize_mode": resize_mode},
+        "output": {"name": "logits", "layout": "NCHW", "n_classes": int(state["model_config"]["n_classes"])},
+        "classes": state["classes"],
+        "model_config": dict(state["model_config"]),
+        "layout": pre.get("layout", "auto"),
+        "val_names": list(state.get("val_names") or []),
+        "files": {"fp32": "model.onnx"},
+    }
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        staged = {"model.onnx": export_onnx(FullFrame(model), Path(tmp) / "model.onnx", input_size=size)}
+        if int8:
+            frames = calibration_frames(state, data, calibration, layout)
+            held_out = set(state.get("val_names") or [])
+            val_pairs = [p for p in find_pairs(data, layout, require_masks=False)[0] if p.name in held_out][:16]
+            check, check_on = (_frames(val_pairs, size, resize_mode), "validation") if val_pairs else (
+                frames[:16], "calibration")
+            equalized = export_onnx(FullFrame(equalize_activations(model, frames)), Path(tmp) / "eq.onnx",
+                                    input_size=size)
+            staged["model.int8.onnx"] = quantize_int8(
+                equalized, frames, Path(tmp) / "model.int8.onnx", method=method, check_frames=0
+            )
+            agreement = int8_agreement(staged["model.onnx"], staged["model.int8.onnx"], check)
+            _warn_if_astray(out / "model.int8.onnx", agreement, f"{len(check)} {check_on} frames")
+            info["files"]["int8"] = "model.int8.onnx"
+            info["int8"] = {
+                "calibration_frames": len(frames), "method": method, "equalized": True,
+                "agreement_with_fp32": round(agreement, 6), "agreement_frames": len(check),
+                "agreement_on": f"{check_on} frames",
+            }
+        for name, path in staged.items():
+            os.replace(path, out / name)
+    if not int8:  # an int8 model left by an earlier export no longer matches model.onnx
+        (out / "model.int8.onnx").unlink(missing_ok=True)
+    atomic_write_text(out / "model.json", json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def load_exported(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``predict``/``evaluate`` need to run an export of ``export_checkpoint``: ``path`` is its folder
+    (which runs the int8 model where there is one) or one of its ``.onnx`` files. Returns a dict shaped like
+    a checkpoint's (``classes``, ``preprocess``, ``model_config``, ``val_names``) plus ``onnx`` (the model
+    file) and ``precision`` (``int8`` or ``fp32``)."""
+    p = Path(path)
+    folder = p.parent if p.suffix == ".onnx" else p
+    meta = folder / "model.json"
+    if not meta.is_file():
+        raise UnetsegError(f"{path}: not an export of `unetseg export` (no model.json beside it)")
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        files = info["files"]
+        onnx_file = p if p.suffix == ".onnx" else folder / files.get("int8", files["fp32"])
+        precision = "int8" if onnx_file.name == files.get("int8") else "fp32"
+        state = {
+            "onnx": onnx_file, "precision": precision, "classes": info["classes"],
+            "model_config": info["model_config"], "val_names": info.get("val_names", []),
+            "preprocess": {"size": info["input"]["size"], "resize_mode": info["input"]["resize_mode"],
+                           "scale": 1 / 255, "layout": info.get("layout", "auto")},
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise UnetsegError(f"{meta}: not a model.json written by `unetseg export` ({type(e).__name__}: {e})") from None
+    if not onnx_file.is_file():
+        raise UnetsegError(f"{onnx_file}: no such ONNX model")
+    return state

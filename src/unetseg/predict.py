@@ -36,8 +36,19 @@ from .model import forward_full, model_from_checkpoint
 from .runtime import pick_device, prepare_model_for_inference, set_threads
 
 
+def load_model_file(path: str | Path) -> dict[str, Any]:
+    """A checkpoint (``.pt`` file or run folder) or an export of ``unetseg export`` (its folder or an
+    ``.onnx`` file in it), as the dict that ``Predictor`` takes."""
+    p = Path(path)
+    if p.suffix == ".onnx" or (p.is_dir() and (p / "model.json").is_file()):
+        from .export import load_exported
+
+        return load_exported(p)
+    return load_checkpoint(p)
+
+
 class Predictor:
-    """A model from a checkpoint, ready to segment HWC uint8 RGB images of any size.
+    """A model from a checkpoint (or an ONNX export of one), ready to segment HWC uint8 RGB images of any size.
 
     Example:
         >>> p = Predictor("runs/demo/best.pt")            # doctest: +SKIP
@@ -49,23 +60,39 @@ class Predictor:
         threads: int | None = None, batch_size: int = 8, tta: bool = False, compile: str | bool = "off",
         n_images: int = 0,
     ) -> None:
-        state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+        state = checkpoint if isinstance(checkpoint, dict) else load_model_file(checkpoint)
         set_threads(threads)
-        self.device = pick_device(device)
-        model = model_from_checkpoint(state)
+        # ONNX Runtime runs exports on the CPU here, so "auto" means the CPU for them.
+        self.device = pick_device("cpu" if device == "auto" and "onnx" in state else device)
         self.preprocess = dict(state.get("preprocess") or {})
         size = self.preprocess.get("size")
-        # bf16 weights where the hardware does bf16 natively, channels_last, and torch.compile when
-        # ``compile`` is on, or auto and ``n_images`` pay for it: see unetseg.runtime.
-        self.model = prepare_model_for_inference(
-            model, precision, self.device, compile=compile, n_images=n_images * (2 if tta else 1),
-            batch_size=batch_size, image_size=tuple(size) if size else None,
-        )
-        self.precision = self.model.precision
+        self._forward: Any  # float32 images (N, 3, H, W) in [0, 1] -> float32 logits (N, C, H, W)
+        if "onnx" in state:  # an export: ONNX Runtime on the CPU, at the exported precision and size
+            from .export import OnnxPredictor
+
+            if precision not in ("auto", state["precision"]):
+                raise UnetsegError(f"{state['onnx']} is the export's {state['precision']} model: --precision "
+                                   f"{precision} needs the checkpoint (or the export's other model file)")
+            if self.device.type != "cpu":
+                raise UnetsegError(f"{state['onnx']}: exported models run on the CPU (ONNX Runtime); use the "
+                                   f"checkpoint on {self.device.type}")
+            self.model: Any = OnnxPredictor(state["onnx"], threads=threads)
+            self._forward = self.model
+            self.precision = f"{state['precision']} (ONNX Runtime)"
+        else:
+            # bf16 weights where the hardware does bf16 natively, channels_last, and torch.compile when
+            # ``compile`` is on, or auto and ``n_images`` pay for it: see unetseg.runtime.
+            self.model = prepare_model_for_inference(
+                model_from_checkpoint(state), precision, self.device, compile=compile,
+                n_images=n_images * (2 if tta else 1), batch_size=batch_size, image_size=tuple(size) if size else None,
+            )
+            self._forward = lambda x: forward_full(self.model, x)  # float32 logits at x's size
+            self.precision = self.model.precision
         self.classes = ClassTable.from_dict(state["classes"])
-        if len(self.classes) != self.model.config["n_classes"]:
-            raise UnetsegError(f"checkpoint names {len(self.classes)} classes but its model outputs "
-                               f"{self.model.config['n_classes']}: the file is inconsistent")
+        n_out = int(state["model_config"]["n_classes"])
+        if len(self.classes) != n_out:
+            raise UnetsegError(f"checkpoint names {len(self.classes)} classes but its model outputs {n_out}: "
+                               "the file is inconsistent")
         self.state = state
         self.batch_size = batch_size
         self.tta = tta
@@ -91,9 +118,9 @@ class Predictor:
         """
         x = torch.from_numpy(np.stack([self._prepare(im) for im in images])).permute(0, 3, 1, 2)
         x = x.to(self.device).float().div_(255)
-        out = forward_full(self.model, x)  # float32 logits
+        out = self._forward(x)
         if self.tta:
-            out = (out + forward_full(self.model, x.flip(-1)).flip(-1)) / 2
+            out = (out + self._forward(x.flip(-1).contiguous()).flip(-1)) / 2
         if tuple(out.shape[-2:]) != tuple(out_size):
             out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
         return out
