@@ -210,6 +210,9 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "last.pt"
     save_checkpoint({"epoch": 1, "model": {}, "model_config": {}}, path)
     original = path.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as any new file, not mkstemp's owner-only 0o600
 
     def broken_save(obj, f):
         f.write(b"partial")

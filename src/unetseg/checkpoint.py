@@ -27,12 +27,18 @@ import torch
 
 from .errors import UnetsegError
 
+# mkstemp creates files readable by their owner only; run files and exports get the permissions any other
+# new file would (0o666 less the umask), so that another user (a server, a colleague) can read them.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
