@@ -2,8 +2,12 @@
 summed over the layers of one shape (batch 32, 96x128, channels_last, bf16 autocast, 2 threads; oneDNN's
 verbose log of the timed steps, read in a child process so that the log does not mix with this output).
 
+With ``--torch`` it prints torch's profiler table of the same steps instead (every aten op, the ones
+outside oneDNN included).
+
 Example:
     python experiments/train_step_primitives.py --steps 3
+    python experiments/train_step_primitives.py --steps 3 --torch
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import subprocess
 import sys
 
 
-def child(steps: int) -> None:
+def child(steps: int, torch_profile: bool) -> None:
     import torch
 
     from unetseg.model import unet_model
@@ -33,6 +37,14 @@ def child(steps: int) -> None:
     cpu = torch.device("cpu")
     for _ in range(3):  # warm-up: oneDNN creates and caches its primitives
         train_step(model, optimizer, x, y, "bf16", cpu)
+    if torch_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                train_step(model, optimizer, x, y, "bf16", cpu)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50))
+        return
     with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
         for _ in range(steps):
             train_step(model, optimizer, x, y, "bf16", cpu)
@@ -42,10 +54,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--torch", action="store_true", help="torch's profiler table instead of oneDNN's log")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        child(args.steps)
+    if args.child or args.torch:
+        child(args.steps, args.torch)
         return
     out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps)], env=dict(os.environ),
                          capture_output=True, text=True, check=True).stdout
