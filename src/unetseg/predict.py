@@ -121,6 +121,9 @@ class Predictor:
         out = self._forward(x)
         if self.tta:
             out = (out + self._forward(x.flip(-1).contiguous()).flip(-1)) / 2
+        # Resizing and the argmax over classes run ~2.5x faster on channels_last logits than on NCHW ones
+        # (ONNX Runtime returns NCHW; the torch path is channels_last already, and this is then a no-op).
+        out = out.contiguous(memory_format=torch.channels_last)
         if tuple(out.shape[-2:]) != tuple(out_size):
             out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
         return out
