@@ -515,25 +515,38 @@ def _frames(pairs: list[Any], size: tuple[int, int], resize_mode: str) -> torch.
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
 
 
+def _split_pairs(state: dict[str, Any], data: str | os.PathLike, layout: str) -> tuple[list[Any], list[Any]]:
+    """The image pairs of ``data`` (one scan of the folder): those the checkpoint's run did not validate on,
+    and those it did."""
+    from .data import find_pairs
+
+    held_out = set(state.get("val_names") or [])
+    pairs = find_pairs(data, layout, require_masks=False)[0]
+    return [p for p in pairs if p.name not in held_out], [p for p in pairs if p.name in held_out]
+
+
+def _calibration_frames(
+    state: dict[str, Any], data: str | os.PathLike, train_pairs: list[Any], count: int, seed: int
+) -> torch.Tensor:
+    if count < 1:
+        raise UnetsegError(f"calibration frame count {count} must be at least 1")
+    pre = state.get("preprocess") or {}
+    if not pre.get("size"):
+        raise UnetsegError("the checkpoint records no input size (preprocess.size)")
+    if not train_pairs:
+        raise UnetsegError(f"{data}: no images outside the checkpoint's validation frames to calibrate int8 on")
+    order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed))[:count]
+    chosen = [train_pairs[i] for i in sorted(order.tolist())]
+    return _frames(chosen, tuple(pre["size"]), pre.get("resize_mode", "default"))
+
+
 def calibration_frames(
     state: dict[str, Any], data: str | os.PathLike, count: int = 64, layout: str = "auto", seed: int = 0
 ) -> torch.Tensor:
     """Up to ``count`` images of ``data`` that the checkpoint's run did not validate on, preprocessed as in
     training: uint8 ``(N, 3, H, W)`` at the checkpoint's input size. Drawn at random (seeded) so that they
     span the folder's driving runs rather than its first frames."""
-    from .data import find_pairs
-
-    if count < 1:
-        raise UnetsegError(f"calibration frame count {count} must be at least 1")
-    pre = state.get("preprocess") or {}
-    if not pre.get("size"):
-        raise UnetsegError("the checkpoint records no input size (preprocess.size)")
-    held_out = set(state.get("val_names") or [])
-    pairs = [p for p in find_pairs(data, layout, require_masks=False)[0] if p.name not in held_out]
-    if not pairs:
-        raise UnetsegError(f"{data}: no images outside the checkpoint's validation frames to calibrate int8 on")
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:count]
-    return _frames([pairs[i] for i in sorted(order.tolist())], tuple(pre["size"]), pre.get("resize_mode", "default"))
+    return _calibration_frames(state, data, _split_pairs(state, data, layout)[0], count, seed)
 
 
 class FullFrame(nn.Module):
@@ -575,7 +588,6 @@ def export_checkpoint(
     export removes an earlier ``model.int8.onnx``. Returns the ``model.json`` contents.
     """
     from .checkpoint import atomic_write_text, load_checkpoint
-    from .data import find_pairs
     from .equalize import equalize_activations
     from .model import model_from_checkpoint
 
@@ -606,10 +618,9 @@ def export_checkpoint(
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         staged = {"model.onnx": export_onnx(FullFrame(model), Path(tmp) / "model.onnx", input_size=size)}
         if int8:
-            frames = calibration_frames(state, data, calibration, layout)
-            held_out = set(state.get("val_names") or [])
-            val_pairs = [p for p in find_pairs(data, layout, require_masks=False)[0] if p.name in held_out][:16]
-            check, check_on = (_frames(val_pairs, size, resize_mode), "validation") if val_pairs else (
+            train_pairs, val_pairs = _split_pairs(state, data, layout)
+            frames = _calibration_frames(state, data, train_pairs, calibration, seed=0)
+            check, check_on = (_frames(val_pairs[:16], size, resize_mode), "validation") if val_pairs else (
                 frames[:16], "calibration")
             equalized = export_onnx(FullFrame(equalize_activations(model, frames)), Path(tmp) / "eq.onnx",
                                     input_size=size)
