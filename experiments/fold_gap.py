@@ -71,9 +71,7 @@ def main() -> None:
             for k in ("lab", "default")}
     print(f"| mean of {len(rows)} | | {cells(mean['lab'], mean['default'])} |")
 
-    classes = sorted({n for r in rows for n in r["lab"]["per_class_iou"]},
-                     key=lambda n: list(rows[0]["lab"]["per_class_iou"]).index(n)
-                     if n in rows[0]["lab"]["per_class_iou"] else 99)
+    classes = list(dict.fromkeys(n for r in rows for n in r["lab"]["per_class_iou"]))  # first-seen order
     print("\n| class | splits present | lab IoU (mean) | default IoU (mean) | gain |")
     print("|---|---:|---:|---:|---:|")
     for n in classes:
