@@ -12,6 +12,9 @@ Usage (each pair: lab result, default result; both runs trained with the same ``
 
     python experiments/fold_gap.py runs/s7lab_eval.json:runs/s7d0_eval.json \\
         runs/f1lab_eval.json:runs/f1def_eval.json [--json OUT]
+
+Any two results scored on the same frames pair up: ``--labels "one pass,0.6+1.0"`` names the columns of,
+for example, one checkpoint evaluated with ``--scales 1`` and with ``--scales 0.6 1.0``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("pairs", nargs="+", help="LAB_EVAL.json:DEFAULT_EVAL.json, one per split")
     p.add_argument("--json", type=Path, help="also write the table here")
+    p.add_argument("--labels", default="lab,default", help="names of the first and second result (lab,default)")
     args = p.parse_args()
+    if "," not in args.labels:
+        raise SystemExit(f"--labels {args.labels!r}: give two names separated by a comma")
+    first, second = (s.strip() for s in args.labels.split(",", 1))
     rows = []
     for pair in args.pairs:
         lab_path, default_path = (Path(s) for s in pair.split(":"))
@@ -56,7 +63,8 @@ def main() -> None:
             raise SystemExit(f"{pair}: the two results count different label pixels; score both on one split")
         rows.append({"lab": lab, "default": default, "files": [str(lab_path), str(default_path)]})
 
-    print("| split | classes | lab mIoU | default mIoU | gain | lab (>=0.1 % px) | default (>=0.1 % px) | gain |")
+    print(f"| split | classes | {first} mIoU | {second} mIoU | gain | {first} (>=0.1 % px) | {second} (>=0.1 % px) "
+          "| gain |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
 
     def cells(lab: dict, default: dict) -> str:
@@ -72,7 +80,7 @@ def main() -> None:
     print(f"| mean of {len(rows)} | | {cells(mean['lab'], mean['default'])} |")
 
     classes = list(dict.fromkeys(n for r in rows for n in r["lab"]["per_class_iou"]))  # first-seen order
-    print("\n| class | splits present | lab IoU (mean) | default IoU (mean) | gain |")
+    print(f"\n| class | splits present | {first} IoU (mean) | {second} IoU (mean) | gain |")
     print("|---|---:|---:|---:|---:|")
     for n in classes:
         held = [r for r in rows if n in r["lab"]["per_class_iou"]]
@@ -80,7 +88,8 @@ def main() -> None:
         b = statistics.fmean(r["default"]["per_class_iou"][n] for r in held)
         print(f"| {n} | {len(held)} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
     if args.json:
-        args.json.write_text(json.dumps({"splits": rows, "mean": mean}, indent=1))
+        args.json.write_text(json.dumps({"labels": {"lab": first, "default": second}, "splits": rows, "mean": mean},
+                                        indent=1))
 
 
 if __name__ == "__main__":

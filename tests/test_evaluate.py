@@ -207,3 +207,53 @@ def test_compiled_predictor_matches_eager(tmp_path: Path) -> None:
         assert a.shape == b.shape and (a == b).mean() >= 0.999
     torch.testing.assert_close(compiled.logits(images[:3], (16, 24)), eager.logits(images[:3], (16, 24)),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_scales_average_the_class_probabilities_of_each_resized_copy(tmp_path: Path) -> None:
+    import torch.nn.functional as F
+
+    from unetseg.data import resize_image
+
+    random_checkpoint(tmp_path / "m.pt")
+    image = np.random.default_rng(1).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    plain = Predictor(tmp_path / "m.pt", precision="fp32")
+    multi = Predictor(tmp_path / "m.pt", precision="fp32", scales=[0.5, 1.0])
+    assert plain.scales == [1.0] and multi.scales == [0.5, 1.0]
+    # By hand: the logits of the half-size copy, resized up to the full copy's size, softmaxed, averaged.
+    half = plain.logits([resize_image(image, (16, 24))], (16, 24))
+    half = F.interpolate(half, size=(32, 48), mode="bilinear", align_corners=False)
+    full = plain.logits([image], (32, 48))
+    expected = ((half.softmax(1) + full.softmax(1)) / 2).log()
+    got = multi.logits([image], (32, 48))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got.argmax(1) != full.argmax(1)).any()  # the half-size copy changes some pixels
+    assert multi.predict([image])[0].shape == (32, 48)
+
+
+def test_checkpoint_predict_scales_are_the_default_and_flags_override(
+    labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = constant_checkpoint(tmp_path / "c.pt", cls=7, size=[16, 20])
+    state = torch.load(ckpt, weights_only=True)
+    state["preprocess"]["predict_scales"] = [0.5, 1.0]
+    save_checkpoint(state, tmp_path / "ms.pt")
+    assert Predictor(tmp_path / "ms.pt").scales == [0.5, 1.0]
+    assert Predictor(tmp_path / "ms.pt", scales=[1]).scales == [1.0]
+    assert Predictor(ckpt).scales == [1.0]  # a checkpoint from before predict_scales: one pass
+    # A constant model predicts Road at every scale, so the scores stay those of one pass.
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ms.pt"), "--data", str(labelled), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["scales"] == [0.5, 1.0] and out["pixel_accuracy"] == pytest.approx(1700 / 2400)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ms.pt"), "--data", str(labelled), "--json",
+                 "--scales", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["scales"] == [1.0]
+    assert main(["predict", "--checkpoint", str(tmp_path / "ms.pt"), str(labelled / "CameraRGB"),
+                 "--out", str(tmp_path / "p"), "--scales", "0.75", "1.25"]) == 0
+    masks = sorted((tmp_path / "p" / "masks").glob("*.png"))
+    assert masks and all((np.asarray(Image.open(m)) == 7).all() for m in masks)
+
+
+@pytest.mark.parametrize("scales", [[], [0], [-1.0], [5.0], ["big"]])
+def test_bad_scales_are_rejected_with_the_rule(tmp_path: Path, scales: list) -> None:
+    with pytest.raises(UnetsegError, match="scales"):
+        Predictor(constant_checkpoint(tmp_path / "c.pt", cls=7), scales=scales)

@@ -242,7 +242,9 @@ def test_percentile_calibration_runs_batch_by_batch_and_clips_the_tails(tiny_onn
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["lab", "paper"])
-def test_export_command_writes_models_that_evaluate_and_predict_run(scenes: Path, tmp_path: Path, arch: str) -> None:
+def test_export_command_writes_models_that_evaluate_and_predict_run(
+    scenes: Path, tmp_path: Path, arch: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("onnxruntime")
     from conftest import TINY_TRAIN
 
@@ -256,7 +258,8 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(scenes: Path
 
     run = tmp_path / "run"
     size = [32, 48] if arch == "lab" else [60, 92]  # paper: its unpadded convs need a valid size
-    train(**{**TINY_TRAIN, "arch": arch, "size": size, "epochs": 1}, data=str(scenes), out=str(run))
+    train(**{**TINY_TRAIN, "arch": arch, "size": size, "epochs": 1, "predict_scales": [0.5, 1.0]}, data=str(scenes),
+          out=str(run))
     ckpt = run / "best.pt"
     state = load_checkpoint(ckpt)
     out = tmp_path / "deploy"
@@ -264,6 +267,10 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(scenes: Path
                  "--calibration", "8"]) == 0
     info = json.loads((out / "model.json").read_text())
     assert info["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    # The graphs have one input size: the export predicts in one pass, and says so.
+    assert state["preprocess"]["predict_scales"] == [0.5, 1.0]
+    assert info["predict_scales"] == [1.0] and info["checkpoint_predict_scales"] == [0.5, 1.0]
+    assert "the export predicts in one pass" in capsys.readouterr().out
     assert info["input"]["size"] == size and info["output"]["n_classes"] == len(state["classes"]["names"])
     assert info["classes"] == state["classes"] and info["val_names"] == state["val_names"]
     q = info["int8"]
@@ -284,7 +291,7 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(scenes: Path
     # evaluate and predict take the export in place of the checkpoint: the fp32 file scores as the checkpoint
     # does in fp32, the folder runs the int8 model.
     kw = dict(split="val", progress=False, threads=1)
-    from_ckpt = evaluate(ckpt, scenes, precision="fp32", **kw)
+    from_ckpt = evaluate(ckpt, scenes, precision="fp32", scales=[1.0], **kw)
     from_fp32 = evaluate(out / "model.onnx", scenes, **kw)
     assert from_fp32["precision"] == "fp32 (ONNX Runtime)" and from_fp32["frames"] == from_ckpt["frames"]
     cm_a, cm_b = np.array(from_ckpt["confusion_matrix"]), np.array(from_fp32["confusion_matrix"])
@@ -295,6 +302,8 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(scenes: Path
     assert len(written) == 40 and (tmp_path / "preds" / "triplet").is_dir()
     with pytest.raises(UnetsegError, match="is the export's int8 model"):
         evaluate(out, scenes, precision="bf16", **kw)
+    with pytest.raises(UnetsegError, match="cannot predict at scales \\[0.5, 1.0\\]; use --scales 1"):
+        evaluate(out, scenes, scales=[0.5, 1.0], **kw)
 
     # A failed export leaves what an earlier one wrote.
     before = (out / "model.onnx").read_bytes()

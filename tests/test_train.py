@@ -41,6 +41,11 @@ def test_lab_recipe_is_the_lab() -> None:
     assert not cfg.augment and cfg.crop is None and cfg.schedule == "constant" and cfg.class_weighting == "none"
 
 
+def test_default_recipe_predicts_at_two_scales() -> None:
+    assert resolve_config(recipe="default").predict_scales == [0.6, 1.0]
+    assert resolve_config(recipe="lab").predict_scales == [1.0]  # the lab predicts once, at 96x128
+
+
 def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("recipe: lab\nepochs: 7\nlr: 0.01\n")
@@ -53,7 +58,9 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
     [({"epochs": 0}, "--epochs 0"), ({"lr": -1.0}, "--lr"), ({"wings": 3}, "unknown setting"),
      ({"recipe": "fast"}, "unknown recipe"), ({"val_fraction": 1.0}, "--val-fraction"),
      ({"prior_correction": 1.5}, "prior_correction"), ({"class_weight_clip": 0.5}, "class_weight_clip"),
-     ({"loss": "focal"}, "ce, ce\\+dice, ce\\+lovasz"), ({"lovasz_from": 1.0}, "lovasz_from 1.0")],
+     ({"loss": "focal"}, "ce, ce\\+dice, ce\\+lovasz"), ({"lovasz_from": 1.0}, "lovasz_from 1.0"),
+     ({"predict_scales": []}, "predict_scales"), ({"predict_scales": [0.6, 0]}, "predict_scales"),
+     ({"predict_scales": 0.6}, "predict_scales \\S+ must be a list")],
 )
 def test_bad_settings_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(UnetsegError, match=message):
@@ -111,7 +118,7 @@ def test_short_training_learns_and_writes_run_files(scenes: Path, tmp_path: Path
     assert "torch" in cfg["environment"] and cfg["data"]["val_frames"] > 0
     state = torch.load(out / "best.pt", weights_only=True)
     assert state["model_config"]["arch"] == arch and len(state["classes"]["names"]) == 23
-    assert state["preprocess"]["size"] == size
+    assert state["preprocess"]["size"] == size and state["preprocess"]["predict_scales"] == [1.0]
 
 
 @pytest.mark.slow

@@ -87,6 +87,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 TTA_HELP = "also predict the mirror image and average the logits (2x the time, slightly better masks)"
+SCALES_HELP = ("predict each frame at these multiples of the training frame size and average the class "
+               "probabilities (default: the checkpoint's; the default recipe's are 0.6 1.0; 1 = one pass)")
 COMPILE_HELP = ("torch.compile the model (4-8 %% faster on a CPU after ~20 s of compiling); auto: only when "
                 "there are enough images to pay that back (thousands of 240x320 frames)")
 
@@ -97,7 +99,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(
         args.checkpoint, args.data, out_dir=args.out, batch_size=args.batch_size, precision=args.precision,
         layout=args.layout, threads=args.threads, split=args.split, palette=args.palette, tta=args.tta,
-        compile=args.compile,
+        compile=args.compile, scales=args.scales,
     )
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0
@@ -108,7 +110,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     written = predict(
         args.checkpoint, args.inputs, args.out, masks=args.masks, batch_size=args.batch_size,
-        precision=args.precision, threads=args.threads, tta=args.tta, compile=args.compile,
+        precision=args.precision, threads=args.threads, tta=args.tta, compile=args.compile, scales=args.scales,
     )
     print(f"wrote predictions for {len(written)} images to {args.out}")
     return 0
@@ -127,6 +129,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         q = info["int8"]
         print(f"int8: classes agree with fp32 on {q['agreement_with_fp32']:.2%} of the pixels of "
               f"{q['agreement_frames']} {q['agreement_on']}")
+    if info["checkpoint_predict_scales"] != info["predict_scales"]:
+        print(f"note: the export predicts in one pass at {info['input']['size'][0]}x{info['input']['size'][1]}; "
+              f"the checkpoint averages scales {info['checkpoint_predict_scales']} (slightly better masks, "
+              f"more time): use the checkpoint for those")
     return 0
 
 
@@ -231,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("val",), help="score only the frames the run held out for validation")
     e.add_argument("--palette", help="JSON/CSV name -> RGB for colour masks")
     e.add_argument("--tta", action="store_true", help=TTA_HELP)
+    e.add_argument("--scales", type=float, nargs="+", metavar="S", help=SCALES_HELP)
     e.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help=COMPILE_HELP)
     e.set_defaults(func=_cmd_evaluate)
 
@@ -243,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     r.add_argument("--threads", type=int)
     r.add_argument("--tta", action="store_true", help=TTA_HELP)
+    r.add_argument("--scales", type=float, nargs="+", metavar="S", help=SCALES_HELP)
     r.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help=COMPILE_HELP)
     r.set_defaults(func=_cmd_predict)
 

@@ -69,6 +69,8 @@ class TrainConfig:
     class_weighting: str = "none"  # none | sqrt_inverse (from training-set pixel shares)
     class_weight_clip: float = 10.0  # class weights stay within [median/clip, median*clip]
     prior_correction: float = 0.0  # share of log(class weight) taken off the logits at prediction (0: none)
+    # multiples of `size` at which evaluate/predict run each frame, averaging the class probabilities
+    predict_scales: list[float] = field(default_factory=lambda: [1.0])
     grad_clip: float = 0.0  # clip the global gradient norm to this before each step (0: off)
     ema: float = 0.0  # per-step decay of a moving average of the weights, which validation and best.pt use (0: off)
     # execution
@@ -123,6 +125,11 @@ def resolve_config(
     return cfg
 
 
+def _valid_scales(scales: Any) -> bool:
+    return (isinstance(scales, list) and bool(scales)
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 4 for v in scales))
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject impossible settings with messages that say which flag to change."""
     checks = [
@@ -140,6 +147,8 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.lovasz_from < 1, f"lovasz_from {cfg.lovasz_from} must be in [0, 1) (a share of the epochs)"),
         (cfg.class_weighting in ("none", "sqrt_inverse"), f"class_weighting {cfg.class_weighting!r} is unknown"),
         (0 <= cfg.prior_correction <= 1, f"prior_correction {cfg.prior_correction} must be in [0, 1]"),
+        (_valid_scales(cfg.predict_scales),
+         f"predict_scales {cfg.predict_scales} must be a list of multiples of size in (0, 4], e.g. [0.6, 1.0]"),
         (cfg.grad_clip >= 0, f"grad_clip {cfg.grad_clip} must be >= 0 (0: off)"),
         (0 <= cfg.ema < 1, f"ema {cfg.ema} must be in [0, 1) (0: off; e.g. 0.995)"),
         (cfg.class_weight_clip >= 1, f"class_weight_clip {cfg.class_weight_clip} must be at least 1"),

@@ -30,12 +30,14 @@ def evaluate(
     checkpoint: str | Path, data: str | Path, out_dir: str | Path | None = None, batch_size: int = 16,
     precision: str = "auto", layout: str = "auto", threads: int | None = None, split: str | None = None,
     progress: bool = True, palette: str | Path | None = None, tta: bool = False, compile: str | bool = "auto",
+    scales: list[float] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on the image/mask folder ``data``.
 
     ``split="val"`` scores only the frames the checkpoint's run held out for validation; ``palette`` maps
     colour masks to class ids (as in training); ``tta`` adds mirrored-image test-time augmentation;
-    ``compile`` (``auto``, ``on``, ``off``) is ``torch.compile``, by default only where the set pays for it. Returns
+    ``compile`` (``auto``, ``on``, ``off``) is ``torch.compile``, by default only where the set pays for it;
+    ``scales`` overrides the checkpoint's prediction scales (``[1.0]``: one pass at the training size). Returns
     ``{"pixel_accuracy", "mean_iou", "per_class_iou": {name: IoU or None}, "classes_present",
     "frames", "confusion_matrix", ...}``; with ``out_dir``, also writes ``metrics.json`` and ``confusion.png``.
     """
@@ -55,7 +57,7 @@ def evaluate(
         if not pairs:
             raise UnetsegError(f"{data}: none of the checkpoint's {len(keep)} validation frames are in this folder")
     predictor = Predictor(state, precision=precision, threads=threads, batch_size=batch_size, tta=tta,
-                          compile=compile, n_images=len(pairs))
+                          compile=compile, n_images=len(pairs), scales=scales)
     n = predictor.n_classes
     cm = torch.zeros(n, n, dtype=torch.long)
 
@@ -81,7 +83,7 @@ def evaluate(
         bar.close()
     result = metrics_dict(cm, predictor.classes.names)
     result.update(frames=len(pairs), checkpoint=str(checkpoint), data=str(data), split=split,
-                  precision=predictor.precision, tta=tta)
+                  precision=predictor.precision, tta=tta, scales=predictor.scales)
     if out_dir is not None:
         from .visualize import plot_confusion
 
@@ -114,6 +116,8 @@ def format_report(result: dict[str, Any]) -> str:
     total = max(int(cm.sum()), 1)
     lines = [
         f"frames: {result.get('frames')}   pixels: {result['pixels']:,}",
+        f"prediction: {result.get('precision')}, scales {', '.join(f'{v:g}' for v in result.get('scales') or [1.0])}"
+        f"{', mirror TTA' if result.get('tta') else ''}",
         f"pixel accuracy: {result['pixel_accuracy']:.4f}",
         f"mean IoU ({len(result['classes_present'])} classes present): {result['mean_iou']:.4f}",
         "",

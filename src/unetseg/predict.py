@@ -58,13 +58,14 @@ class Predictor:
     def __init__(
         self, checkpoint: str | Path | dict[str, Any], precision: str = "auto", device: str = "auto",
         threads: int | None = None, batch_size: int = 8, tta: bool = False, compile: str | bool = "off",
-        n_images: int = 0,
+        n_images: int = 0, scales: Sequence[float] | None = None,
     ) -> None:
         state = checkpoint if isinstance(checkpoint, dict) else load_model_file(checkpoint)
         set_threads(threads)
+        self.preprocess = dict(state.get("preprocess") or {})
+        self.scales = check_scales((self.preprocess.get("predict_scales") or [1.0]) if scales is None else scales)
         # ONNX Runtime runs exports on the CPU here, so "auto" means the CPU for them.
         self.device = pick_device("cpu" if device == "auto" and "onnx" in state else device)
-        self.preprocess = dict(state.get("preprocess") or {})
         size = self.preprocess.get("size")
         self._forward: Any  # float32 images (N, 3, H, W) in [0, 1] -> float32 logits (N, C, H, W)
         if "onnx" in state:  # an export: ONNX Runtime on the CPU, at the exported precision and size
@@ -76,12 +77,18 @@ class Predictor:
             if self.device.type != "cpu":
                 raise UnetsegError(f"{state['onnx']}: exported models run on the CPU (ONNX Runtime); use the "
                                    f"checkpoint on {self.device.type}")
+            if self.scales != [1.0]:
+                raise UnetsegError(f"{state['onnx']}: an exported model runs at its one input size, so it cannot "
+                                   f"predict at scales {self.scales}; use --scales 1, or the checkpoint")
             self.model: Any = OnnxPredictor(state["onnx"], threads=threads)
             self._forward = self.model
             self.precision = f"{state['precision']} (ONNX Runtime)"
         else:
             # bf16 weights where the hardware does bf16 natively, channels_last, and torch.compile when
-            # ``compile`` is on, or auto and ``n_images`` pay for it: see unetseg.runtime.
+            # ``compile`` is on, or auto and ``n_images`` pay for it: see unetseg.runtime. Each scale is
+            # another input size, which would compile again, so ``auto`` compiles only single-scale runs.
+            if compile == "auto" and len(self.scales) > 1:
+                compile = "off"
             self.model = prepare_model_for_inference(
                 model_from_checkpoint(state), precision, self.device, compile=compile,
                 n_images=n_images * (2 if tta else 1), batch_size=batch_size, image_size=tuple(size) if size else None,
@@ -101,13 +108,25 @@ class Predictor:
     def n_classes(self) -> int:
         return len(self.classes)
 
-    def _prepare(self, image: np.ndarray) -> np.ndarray:
+    def _prepare(self, image: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """``image`` resized as in training (to the checkpoint's size, if it has one), times ``scale``."""
         from .data import resize_image
 
-        size = self.preprocess.get("size")
-        if size and tuple(image.shape[:2]) != tuple(size):
-            return resize_image(image, tuple(size), self.preprocess.get("resize_mode", "default"))
+        size = self.preprocess.get("size") or image.shape[:2]
+        size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        if tuple(image.shape[:2]) != size:
+            return resize_image(image, size, self.preprocess.get("resize_mode", "default"))
         return image
+
+    def _scale_logits(self, images: Sequence[np.ndarray], scale: float) -> torch.Tensor:
+        x = torch.from_numpy(np.stack([self._prepare(im, scale) for im in images])).permute(0, 3, 1, 2)
+        x = x.to(self.device).float().div_(255)
+        out = self._forward(x)
+        if self.tta:
+            out = (out + self._forward(x.flip(-1).contiguous()).flip(-1)) / 2
+        # Resizing and the argmax over classes run ~2.5x faster on channels_last logits than on NCHW ones
+        # (ONNX Runtime returns NCHW; the torch path is channels_last already, and this is then a no-op).
+        return out.contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def logits(self, images: Sequence[np.ndarray], out_size: tuple[int, int]) -> torch.Tensor:
@@ -115,15 +134,21 @@ class Predictor:
 
         With ``tta``, the mean of the logits of each image and of its mirror image (mirrored back): twice the
         compute; on held-out CARLA runs -0.5 to +0.6 mIoU points, a gain on 10 of 13 (RESULTS.md).
+
+        With several ``scales``, each image is also run resized by each scale, and the result is the log of
+        the class probabilities averaged over the scales (at the largest scale's size): a smaller copy lets
+        every output pixel see more of the frame; on held-out CARLA runs Wall, Terrain, GuardRail and
+        RoadLine gain most (RESULTS.md). Compute grows with the sum of the squared scales.
         """
-        x = torch.from_numpy(np.stack([self._prepare(im) for im in images])).permute(0, 3, 1, 2)
-        x = x.to(self.device).float().div_(255)
-        out = self._forward(x)
-        if self.tta:
-            out = (out + self._forward(x.flip(-1).contiguous()).flip(-1)) / 2
-        # Resizing and the argmax over classes run ~2.5x faster on channels_last logits than on NCHW ones
-        # (ONNX Runtime returns NCHW; the torch path is channels_last already, and this is then a no-op).
-        out = out.contiguous(memory_format=torch.channels_last)
+        if len(self.scales) == 1:
+            out = self._scale_logits(images, self.scales[0])
+        else:
+            per_scale = [self._scale_logits(images, s) for s in self.scales]
+            size = max((o.shape[-2:] for o in per_scale), key=lambda hw: hw[0] * hw[1])
+            probs = sum(F.interpolate(o, size=size, mode="bilinear", align_corners=False).softmax(1)
+                        if o.shape[-2:] != size else o.softmax(1) for o in per_scale)
+            # clamp: a probability that underflowed to 0 would give -inf, not a finite logit
+            out = (probs / len(per_scale)).clamp_(min=torch.finfo(torch.float32).tiny).log_()  # type: ignore[union-attr]
         if tuple(out.shape[-2:]) != tuple(out_size):
             out = F.interpolate(out, size=out_size, mode="bilinear", align_corners=False)
         return out
@@ -136,6 +161,17 @@ class Predictor:
             for i, p in zip(idx, pred.to(torch.uint8).cpu().numpy(), strict=True):
                 results[i] = p
         return results  # type: ignore[return-value]
+
+
+def check_scales(scales: Iterable[float]) -> list[float]:
+    """Prediction scales as a list of positive floats, or an error that says what is wrong."""
+    try:
+        values = [float(v) for v in scales]
+    except (TypeError, ValueError):
+        raise UnetsegError(f"scales must be numbers such as 0.6 1.0, got {scales!r}") from None
+    if not values or any(not 0 < v <= 4 for v in values):
+        raise UnetsegError(f"scales must be between 0 and 4 (1 = the training frame size), got {values}")
+    return values
 
 
 def _same_size_batches(shapes: Sequence[tuple[int, ...]], batch_size: int) -> Iterator[list[int]]:
@@ -197,11 +233,12 @@ def _true_mask_path(image: Path, masks_dir: Path | None) -> tuple[Path, str] | N
 def predict(
     checkpoint: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, masks: str | Path | None = None,
     batch_size: int = 8, precision: str = "auto", threads: int | None = None, progress: bool = True,
-    tta: bool = False, compile: str | bool = "auto",
+    tta: bool = False, compile: str | bool = "auto", scales: Sequence[float] | None = None,
 ) -> list[Path]:
     """Segment every input image; write mask, colour, overlay (and triplet) PNGs; return the mask paths.
 
     ``tta=True`` averages each image's logits with those of its mirror image (see ``Predictor.logits``).
+    ``scales`` (e.g. ``[0.6, 1.0]``) overrides the checkpoint's ``preprocess.predict_scales``.
     ``compile``: ``auto`` compiles the model when the number of images pays for it, ``on``, ``off``.
     """
     from .classes import colorize
@@ -210,7 +247,7 @@ def predict(
 
     paths = expand_inputs(inputs)
     predictor = Predictor(checkpoint, precision=precision, threads=threads, batch_size=batch_size, tta=tta,
-                          compile=compile, n_images=len(paths))
+                          compile=compile, n_images=len(paths), scales=scales)
     masks_dir = Path(masks) if masks else None
     if masks_dir is not None and not masks_dir.is_dir():
         raise UnetsegError(f"{masks_dir}: --masks folder not found")

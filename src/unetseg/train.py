@@ -284,6 +284,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
         logit_bias = prior_correction_bias(weights, cfg.prior_correction).cpu()
     preprocess = {
         "size": list(data.size), "resize_mode": cfg.resize_mode, "scale": 1 / 255, "layout": data.layout,
+        "predict_scales": [float(v) for v in cfg.predict_scales],
     }
     return _Run(
         cfg=cfg, run_dir=run_dir, device=device, precision=precision, classes=data.classes,
