@@ -126,8 +126,15 @@ def resolve_config(
 
 
 def _valid_scales(scales: Any) -> bool:
-    return (isinstance(scales, list) and bool(scales)
-            and all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 4 for v in scales))
+    from .predict import check_scales  # the one rule for prediction scales; YAML must give it a list
+
+    if not isinstance(scales, list):
+        return False
+    try:
+        check_scales(scales)
+    except UnetsegError:
+        return False
+    return True
 
 
 def validate(cfg: TrainConfig) -> None:
