@@ -144,3 +144,27 @@ def test_rare_class_centers_aim_crops_at_rare_pixels() -> None:
     assert (out == 5).any(dim=(1, 2)).all()  # every crop holds the rare pixel, flipped or not
     none = rare_class_centers(masks, counts, probability=0.0, generator=g)
     assert torch.isnan(none).all()
+
+
+def test_class_mix_pastes_half_of_the_partners_classes_with_their_pixels() -> None:
+    from unetseg.data import class_mix
+
+    masks = torch.zeros(2, 8, 8, dtype=torch.long)
+    masks[0, :, :4], masks[0, :, 4:] = 1, 2  # sample 0: classes 1 and 2
+    masks[1, :4], masks[1, 4:] = 3, 4  # sample 1: classes 3 and 4
+    images = (masks.float() / 10).unsqueeze(1).repeat(1, 3, 1, 1)  # each pixel's value names its class
+    before = images.clone(), masks.clone()
+    out_x, out_m = class_mix(images, masks, 1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(images, before[0]) and torch.equal(masks, before[1])  # inputs untouched
+    for i in range(2):
+        partner = masks[(i + 1) % 2]
+        pasted = out_m[i] != masks[i]
+        got = set(partner[pasted].unique().tolist())
+        assert len(got) == 1 and got <= set(partner.unique().tolist())  # one of the partner's two classes
+        c = got.pop()
+        assert torch.equal(pasted, partner == c)  # every pixel of that class, nothing else
+        assert torch.equal((out_x[i, 0] * 10).round().long(), out_m[i])  # image and mask stay aligned
+    same = class_mix(images, masks, 0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(same[0], images) and torch.equal(same[1], masks)
+    one = class_mix(images[:1], masks[:1], 1.0)
+    assert torch.equal(one[1], masks[:1])

@@ -83,10 +83,18 @@ def test_evaluate_matches_hand_computed_confusion_matrix(labelled: Path, tmp_pat
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mean_iou"] == pytest.approx(r["mean_iou"])
 
 
-def test_evaluate_split_val_uses_the_runs_held_out_frames(labelled: Path, tmp_path: Path) -> None:
+def test_evaluate_split_val_and_train_use_the_runs_frames(labelled: Path, tmp_path: Path) -> None:
     ckpt = constant_checkpoint(tmp_path / "c.pt", cls=7)
     r = evaluate(ckpt, labelled, split="val", progress=False)
     assert r["frames"] == 1 and r["pixels"] == 1200 and r["pixel_accuracy"] == pytest.approx(0.75)
+    t = evaluate(ckpt, labelled, split="train", progress=False)  # frame "a": 800 road of 1200
+    assert t["frames"] == 1 and t["split"] == "train" and t["pixel_accuracy"] == pytest.approx(800 / 1200)
+    only_val = write_carla(tmp_path / "only_b", {"b": np.full((30, 40), 7, np.uint8)})
+    with pytest.raises(UnetsegError, match="every frame here is one of the checkpoint's validation frames"):
+        evaluate(ckpt, only_val, split="train", progress=False)
+    with pytest.raises(UnetsegError, match="none of the checkpoint's 1 validation frames"):
+        evaluate(ckpt, write_carla(tmp_path / "only_a", {"a": np.full((30, 40), 7, np.uint8)}), split="val",
+                 progress=False)
 
 
 def test_evaluate_cli_json(labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -94,6 +102,16 @@ def test_evaluate_cli_json(labelled: Path, tmp_path: Path, capsys: pytest.Captur
     assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(labelled), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert {"pixel_accuracy", "mean_iou", "per_class_iou"} <= set(out)
+
+
+def test_evaluate_cli_report_names_the_split_and_classes(labelled: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = constant_checkpoint(tmp_path / "c.pt", cls=7)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(labelled), "--split", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "frames: 1 (train split)" in out and "pixel accuracy: 0.6667" in out
+    rows = {line.split()[1]: line.split()[2] for line in out.splitlines() if line[:3].strip().isdigit()}
+    assert rows == {"Road": "0.6667", "Sky": "0.0000"}  # frame "a": 800 road, 400 sky, all predicted road
 
 
 def test_evaluate_names_a_mask_outside_the_classes(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
      ({"prior_correction": 1.5}, "prior_correction"), ({"class_weight_clip": 0.5}, "class_weight_clip"),
      ({"loss": "focal"}, "ce, ce\\+dice, ce\\+lovasz"), ({"lovasz_from": 1.0}, "lovasz_from 1.0"),
      ({"predict_scales": []}, "predict_scales"), ({"predict_scales": [0.6, 0]}, "predict_scales"),
-     ({"predict_scales": 0.6}, "predict_scales \\S+ must be a list")],
+     ({"predict_scales": 0.6}, "predict_scales \\S+ must be a list"), ({"class_mix": 1.5}, "class_mix 1.5")],
 )
 def test_bad_settings_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(UnetsegError, match=message):
@@ -155,6 +155,30 @@ def test_lovasz_term_joins_after_its_share_of_the_epochs(scenes: Path, tmp_path:
     assert summary["epochs"] == 2 and all(float(r["train_loss"]) > 0 for r in history)
     n_steps = -(-len(json.loads((out / "split.json").read_text())["train_idx"]) // TINY_TRAIN["batch_size"])
     assert len(calls) == n_steps  # epoch 1 of 2 trains without the term, epoch 2 with it at every step
+
+
+@pytest.mark.slow
+def test_class_mix_runs_on_every_training_batch(scenes: Path, tmp_path: Path, monkeypatch) -> None:
+    import unetseg.data as data
+
+    calls: list[tuple[int, float]] = []
+    mix = data.class_mix
+
+    def spy(images, masks, probability, generator=None):
+        calls.append((images.shape[0], probability))
+        out = mix(images, masks, probability, generator=generator)
+        assert out[0].shape == images.shape and out[1].shape == masks.shape
+        return out
+
+    monkeypatch.setattr(data, "class_mix", spy)
+    out = tmp_path / "run"
+    train(**{**TINY_TRAIN, "class_mix": 0.5, "epochs": 1}, data=str(scenes), out=str(out))
+    n_train = len(json.loads((out / "split.json").read_text())["train_idx"])
+    assert sum(b for b, _ in calls) == n_train and {p for _, p in calls} == {0.5}
+    assert yaml.safe_load((out / "config.yaml").read_text())["settings"]["class_mix"] == 0.5
+    calls.clear()
+    train(**{**TINY_TRAIN, "epochs": 1}, data=str(scenes), out=str(tmp_path / "plain"))
+    assert calls == []  # off by default
 
 
 def test_grad_clip_bounds_the_step() -> None:

@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     e.add_argument("--threads", type=int)
     e.add_argument("--layout", choices=LAYOUTS, default="auto")
-    e.add_argument("--split", choices=("val",), help="score only the frames the run held out for validation")
+    e.add_argument("--split", choices=("val", "train"),
+                   help="score only the frames the run held out for validation (val), or only the others "
+                        "(train: the run's training frames, to compare the fit with held-out frames)")
     e.add_argument("--palette", help="JSON/CSV name -> RGB for colour masks")
     e.add_argument("--tta", action="store_true", help=TTA_HELP)
     e.add_argument("--scales", type=float, nargs="+", metavar="S", help=SCALES_HELP)

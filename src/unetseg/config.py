@@ -49,6 +49,7 @@ class TrainConfig:
     scale_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
     color_jitter: float = 0.2
     rare_crops: float = 0.0  # share of training crops centred on a pixel of a rare class (needs crop)
+    class_mix: float = 0.0  # share of training samples given half the classes of another sample (ClassMix)
     layout: str = "auto"
     palette: str | None = None  # JSON/CSV name -> RGB, for colour masks
     class_names: str | None = None  # file naming the classes
@@ -147,6 +148,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.val_fraction < 1, f"--val-fraction {cfg.val_fraction} must be between 0 and 1"),
         (cfg.val_every >= 1, f"val_every {cfg.val_every} must be at least 1"),
         (0 <= cfg.rare_crops <= 1, f"rare_crops {cfg.rare_crops} must be in [0, 1]"),
+        (0 <= cfg.class_mix <= 1, f"class_mix {cfg.class_mix} must be in [0, 1]"),
         (cfg.arch in ("lab", "paper"), f"--arch {cfg.arch!r} must be lab or paper"),
         (cfg.optimizer in ("adam", "adamw"), f"optimizer {cfg.optimizer!r} must be adam or adamw"),
         (cfg.schedule in ("constant", "onecycle", "cosine"), f"schedule {cfg.schedule!r} is unknown"),

@@ -34,7 +34,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``checkpoint`` on the image/mask folder ``data``.
 
-    ``split="val"`` scores only the frames the checkpoint's run held out for validation; ``palette`` maps
+    ``split="val"`` scores only the frames the checkpoint's run held out for validation, ``split="train"``
+    the other frames of ``data`` (the run's training frames when ``data`` is its training folder): the two
+    side by side show how much of the training fit carries over to unseen runs; ``palette`` maps
     colour masks to class ids (as in training); ``tta`` adds mirrored-image test-time augmentation;
     ``compile`` (``auto``, ``on``, ``off``) is ``torch.compile``, by default only where the set pays for it;
     ``scales`` overrides the checkpoint's prediction scales (``[1.0]``: one pass at the training size). Returns
@@ -48,14 +50,18 @@ def evaluate(
     pairs, found_layout = find_pairs(data, layout)
     palette = palette_or_none(palette)  # parse the file once, not per mask
     if split is not None:
-        if split != "val":
-            raise UnetsegError(f"--split {split!r}: only 'val' (the run's held-out frames) is known")
-        keep = set(state.get("val_names") or [])
-        if not keep:
-            raise UnetsegError(f"{checkpoint}: the checkpoint records no validation frames")
-        pairs = [p for p in pairs if p.name in keep]
+        if split not in ("val", "train"):
+            raise UnetsegError(f"--split {split!r}: use 'val' (the run's held-out frames) or 'train' (the others)")
+        held_out = set(state.get("val_names") or [])
+        if not held_out:
+            raise UnetsegError(f"{checkpoint}: the checkpoint records no validation frames, so --split has "
+                               f"nothing to go by; leave it out to score every frame")
+        pairs = [p for p in pairs if (p.name in held_out) == (split == "val")]
+        if not pairs and split == "val":
+            raise UnetsegError(f"{data}: none of the checkpoint's {len(held_out)} validation frames are in this folder")
         if not pairs:
-            raise UnetsegError(f"{data}: none of the checkpoint's {len(keep)} validation frames are in this folder")
+            raise UnetsegError(f"{data}: every frame here is one of the checkpoint's validation frames; "
+                               f"--split train scores the others")
     predictor = Predictor(state, precision=precision, threads=threads, batch_size=batch_size, tta=tta,
                           compile=compile, n_images=len(pairs), scales=scales)
     n = predictor.n_classes
@@ -115,7 +121,8 @@ def format_report(result: dict[str, Any]) -> str:
     cm = torch.tensor(result["confusion_matrix"])
     total = max(int(cm.sum()), 1)
     lines = [
-        f"frames: {result.get('frames')}   pixels: {result['pixels']:,}",
+        f"frames: {result.get('frames')}{' (' + result['split'] + ' split)' if result.get('split') else ''}"
+        f"   pixels: {result['pixels']:,}",
         f"prediction: {result.get('precision')}, scales {', '.join(f'{v:g}' for v in result.get('scales') or [1.0])}"
         f"{', mirror TTA' if result.get('tta') else ''}",
         f"pixel accuracy: {result['pixel_accuracy']:.4f}",

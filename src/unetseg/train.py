@@ -302,7 +302,7 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    from .data import augment_batch, rare_class_centers
+    from .data import augment_batch, class_mix, rare_class_centers
 
     cfg = run.cfg
     g = _epoch_generator(cfg.seed, epoch)
@@ -321,6 +321,8 @@ def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
                 scale_range=tuple(cfg.scale_range) if cfg.augment else None, hflip=cfg.augment,
                 color_jitter=cfg.color_jitter if cfg.augment else 0.0, generator=g, centers=centers,
             )
+        if cfg.class_mix > 0:
+            x, y = class_mix(x, y, cfg.class_mix, generator=g)
         yield x.to(run.device).contiguous(memory_format=fmt), y.to(run.device)
 
 

@@ -151,3 +151,31 @@ def rare_class_centers(masks: torch.Tensor, class_pixels: torch.Tensor, probabil
         k = int(torch.randint(len(ys), (1,), generator=generator))
         centers[i, 0], centers[i, 1] = ys[k] + 0.5, xs[k] + 0.5
     return centers
+
+
+def class_mix(images: torch.Tensor, masks: torch.Tensor, probability: float,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ClassMix (Olsson et al., 2021): paste the pixels of half of another sample's classes onto a sample.
+
+    With ``probability`` per sample ``i``, the next sample of the batch (``(i + 1) % B``; batches come in
+    random order) gives a random half of the classes present in its mask (rounded up), and its image and
+    mask pixels of those classes replace sample ``i``'s. Objects keep their exact outlines and labels and
+    appear over other scenes, so what a class looks like is learnt apart from where the training runs put
+    it. ``images``: ``(B, 3, H, W)``; ``masks``: ``(B, H, W)`` int64; returns new tensors of the same shapes
+    (the inputs are not modified). A batch of one is returned unchanged.
+    """
+    b = images.shape[0]
+    if probability <= 0 or b < 2:
+        return images, masks
+    draws = torch.rand(b, generator=generator)
+    out_images, out_masks = images.clone(), masks.clone()
+    for i in range(b):
+        if draws[i] >= probability:
+            continue
+        j = (i + 1) % b
+        present = torch.unique(masks[j])
+        chosen = present[torch.randperm(len(present), generator=generator)[: (len(present) + 1) // 2]]
+        paste = torch.isin(masks[j], chosen.to(masks.device))
+        out_images[i] = torch.where(paste, images[j], images[i])
+        out_masks[i] = torch.where(paste, masks[j], masks[i])
+    return out_images, out_masks
