@@ -267,17 +267,24 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(
                  "--calibration", "8"]) == 0
     info = json.loads((out / "model.json").read_text())
     assert info["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
-    # The graphs have one input size: the export predicts in one pass, and says so.
+    # Each graph has one input size: the checkpoint's 0.5x scale gets graphs of its own, at half the size.
     assert state["preprocess"]["predict_scales"] == [0.5, 1.0]
-    assert info["predict_scales"] == [1.0] and info["checkpoint_predict_scales"] == [0.5, 1.0]
-    assert "the export predicts in one pass" in capsys.readouterr().out
+    assert info["predict_scales"] == [0.5, 1.0] and info["checkpoint_predict_scales"] == [0.5, 1.0]
+    half = [round(size[0] * 0.5), round(size[1] * 0.5)]
+    assert info["scale_files"] == {"0.5": {"size": half, "fp32": "model.x0.5.onnx", "int8": "model.int8.x0.5.onnx"}}
+    assert f"predicts {size[0]}x{size[1]} frames at 0.5x + 1x, averaged" in capsys.readouterr().out
     assert info["input"]["size"] == size and info["output"]["n_classes"] == len(state["classes"]["names"])
     assert info["classes"] == state["classes"] and info["val_names"] == state["val_names"]
     q = info["int8"]
     assert q["calibration_frames"] == 8 and q["method"] == "minmax" and q["equalized"]
     assert q["agreement_on"] == "validation frames" and q["agreement_frames"] == min(16, len(state["val_names"]))
-    assert 0.5 < q["agreement_with_fp32"] <= 1.0
+    assert 0.5 < q["agreement_with_fp32"] <= 1.0 and set(q["agreement_with_fp32_by_scale"]) == {"0.5", "1"}
+    assert q["agreement_with_fp32_by_scale"]["1"] == q["agreement_with_fp32"]
     assert not list(out.glob(".export-*"))  # the staging folder is gone
+    import onnx
+
+    assert [d.dim_value for d in onnx.load(out / "model.x0.5.onnx").graph.input[0].type.tensor_type.shape.dim][2:] \
+        == half
 
     # The fp32 model maps frames to logits of the same size, as the checkpoint's model does in predict.
     frames = calibration_frames(state, scenes, count=4)
@@ -289,21 +296,26 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(
     torch.testing.assert_close(OnnxPredictor(out / "model.onnx", threads=1)(x), ref, atol=1e-4, rtol=1e-4)
 
     # evaluate and predict take the export in place of the checkpoint: the fp32 file scores as the checkpoint
-    # does in fp32, the folder runs the int8 model.
+    # does in fp32, at both scales by default or at the one asked for; the folder runs the int8 models.
     kw = dict(split="val", progress=False, threads=1)
-    from_ckpt = evaluate(ckpt, scenes, precision="fp32", scales=[1.0], **kw)
-    from_fp32 = evaluate(out / "model.onnx", scenes, **kw)
-    assert from_fp32["precision"] == "fp32 (ONNX Runtime)" and from_fp32["frames"] == from_ckpt["frames"]
-    cm_a, cm_b = np.array(from_ckpt["confusion_matrix"]), np.array(from_fp32["confusion_matrix"])
-    assert np.abs(cm_a - cm_b).sum() <= 1e-3 * cm_a.sum()  # float rounding may flip a near-tie or two
+    for scales in (None, [1.0], [0.5]):
+        from_ckpt = evaluate(ckpt, scenes, precision="fp32", scales=scales, **kw)
+        from_fp32 = evaluate(out / "model.onnx", scenes, scales=scales, **kw)
+        assert from_fp32["precision"] == "fp32 (ONNX Runtime)" and from_fp32["frames"] == from_ckpt["frames"]
+        assert from_fp32["scales"] == from_ckpt["scales"] == (scales or [0.5, 1.0])
+        cm_a, cm_b = np.array(from_ckpt["confusion_matrix"]), np.array(from_fp32["confusion_matrix"])
+        assert np.abs(cm_a - cm_b).sum() <= 1e-3 * cm_a.sum()  # float rounding may flip a near-tie or two
     from_int8 = evaluate(out, scenes, **kw)
     assert from_int8["precision"] == "int8 (ONNX Runtime)" and 0 <= from_int8["mean_iou"] <= 1
+    assert from_int8["scales"] == [0.5, 1.0]
     written = predict(out, [scenes / "CameraRGB"], tmp_path / "preds", progress=False, threads=1)
     assert len(written) == 40 and (tmp_path / "preds" / "triplet").is_dir()
     with pytest.raises(UnetsegError, match="is the export's int8 model"):
         evaluate(out, scenes, precision="bf16", **kw)
-    with pytest.raises(UnetsegError, match="cannot predict at scales \\[0.5, 1.0\\]; use --scales 1"):
-        evaluate(out, scenes, scales=[0.5, 1.0], **kw)
+    with pytest.raises(UnetsegError, match="graphs for scales 0.5 1 only, so it cannot predict at scales \\[0.7\\]"):
+        evaluate(out, scenes, scales=[0.7, 1.0], **kw)
+    with pytest.raises(UnetsegError, match="one scale's graph of a multi-scale export"):
+        evaluate(out / "model.int8.x0.5.onnx", scenes, **kw)
 
     # A failed export leaves what an earlier one wrote.
     before = (out / "model.onnx").read_bytes()
@@ -312,7 +324,12 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(
     assert (out / "model.onnx").read_bytes() == before and (out / "model.int8.onnx").is_file()
     with pytest.raises(UnetsegError, match="no model.json beside it"):
         evaluate(tmp_path / "elsewhere.onnx", scenes, **kw)
-    # A later fp32-only export replaces the pair: no stale int8 model is left to be picked up.
+    # A later fp32-only export replaces the pair: no stale int8 model is left to be picked up; one at a single
+    # scale leaves no graph of the other.
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
-    assert not (out / "model.int8.onnx").exists()
+    assert not (out / "model.int8.onnx").exists() and not (out / "model.int8.x0.5.onnx").exists()
     assert evaluate(out, scenes, **kw)["precision"] == "fp32 (ONNX Runtime)"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--scales", "1"]) == 0
+    assert sorted(f.name for f in out.glob("*.onnx")) == ["model.onnx"]
+    one = evaluate(out, scenes, **kw)
+    assert one["scales"] == [1.0] and json.loads((out / "model.json").read_text())["scale_files"] == {}

@@ -122,17 +122,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     info = export_checkpoint(args.checkpoint, args.out, int8=args.int8, data=args.data,
-                             calibration=args.calibration, method=args.calibration_method, layout=args.layout)
-    files = ", ".join(f"{args.out}/{name}" for name in info["files"].values())
-    print(f"wrote {files} and {args.out}/model.json")
+                             calibration=args.calibration, method=args.calibration_method, layout=args.layout,
+                             scales=args.scales)
+    names = [*info["files"].values()] + [n for f in info["scale_files"].values() for k, n in f.items() if k != "size"]
+    print(f"wrote {', '.join(f'{args.out}/{n}' for n in names)} and {args.out}/model.json")
+    scales = " + ".join(f"{v:g}x" for v in info["predict_scales"])
+    h, w = info["input"]["size"]
+    print(f"predicts {h}x{w} frames at {scales}" + (", averaged (as the checkpoint does)"
+                                                    if len(info["predict_scales"]) > 1 else ""))
     if "int8" in info:
         q = info["int8"]
-        print(f"int8: classes agree with fp32 on {q['agreement_with_fp32']:.2%} of the pixels of "
-              f"{q['agreement_frames']} {q['agreement_on']}")
-    if info["checkpoint_predict_scales"] != info["predict_scales"]:
-        print(f"note: the export predicts in one pass at {info['input']['size'][0]}x{info['input']['size'][1]}; "
-              f"the checkpoint averages scales {info['checkpoint_predict_scales']} (slightly better masks, "
-              f"more time): use the checkpoint for those")
+        by_scale = q["agreement_with_fp32_by_scale"]
+        shown = ", ".join(f"{a:.2%} at {k}x" for k, a in by_scale.items()) if len(by_scale) > 1 else \
+            f"{q['agreement_with_fp32']:.2%}"
+        print(f"int8: classes agree with fp32 on {shown} of the pixels of {q['agreement_frames']} {q['agreement_on']}")
     return 0
 
 
@@ -266,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--calibration-method", choices=("minmax", "percentile", "entropy"), default="minmax",
                    help="how activation ranges are set (after equalization all three scored alike on CARLA; "
                    "minmax is the quickest)")
+    x.add_argument("--scales", type=float, nargs="+", metavar="S",
+                   help="prediction scales to write graphs for (default: the checkpoint's, 0.6 1.0 for the "
+                        "default recipe; each scale but 1 adds model.xS.onnx; 1 = one graph, one pass)")
     x.add_argument("--layout", choices=LAYOUTS, default="auto")
     x.add_argument("--threads", type=int)
     x.set_defaults(func=_cmd_export)

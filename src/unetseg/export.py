@@ -17,8 +17,10 @@ Images go in as float32 ``(N, 3, H, W)`` scaled to ``[0, 1]`` (uint8 / 255, as t
   on some checkpoints one decoder level kept in float (``float_levels``): see ``quantize_int8``.
 * ``OnnxPredictor(path, threads=None)`` runs either model with ONNX Runtime: ``predictor(images)``.
 * ``export_checkpoint(checkpoint, out_dir, int8=True, data=DIR)`` (``unetseg export``) does all of it for a
-  checkpoint: ``model.onnx``, the equalized and calibrated ``model.int8.onnx`` and ``model.json`` (input,
-  classes, int8 agreement with fp32); ``load_exported(out_dir)`` reads them back for predict/evaluate.
+  checkpoint: ``model.onnx``, the equalized and calibrated ``model.int8.onnx``, the same pair for each of
+  the checkpoint's prediction scales but 1 (``model.x0.6.onnx``, ``model.int8.x0.6.onnx``: a graph has one
+  input size) and ``model.json`` (input, scales, classes, int8 agreement with fp32);
+  ``load_exported(out_dir)`` reads them back for predict/evaluate.
 
 ONNX Runtime is an optional extra (``pip install unetseg[onnx]``); it is imported only when used.
 
@@ -525,9 +527,9 @@ def _split_pairs(state: dict[str, Any], data: str | os.PathLike, layout: str) ->
     return [p for p in pairs if p.name not in held_out], [p for p in pairs if p.name in held_out]
 
 
-def _calibration_frames(
+def _calibration_pairs(
     state: dict[str, Any], data: str | os.PathLike, train_pairs: list[Any], count: int, seed: int
-) -> torch.Tensor:
+) -> list[Any]:
     if count < 1:
         raise UnetsegError(f"calibration frame count {count} must be at least 1")
     pre = state.get("preprocess") or {}
@@ -536,8 +538,7 @@ def _calibration_frames(
     if not train_pairs:
         raise UnetsegError(f"{data}: no images outside the checkpoint's validation frames to calibrate int8 on")
     order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(seed))[:count]
-    chosen = [train_pairs[i] for i in sorted(order.tolist())]
-    return _frames(chosen, tuple(pre["size"]), pre.get("resize_mode", "default"))
+    return [train_pairs[i] for i in sorted(order.tolist())]
 
 
 def calibration_frames(
@@ -546,7 +547,9 @@ def calibration_frames(
     """Up to ``count`` images of ``data`` that the checkpoint's run did not validate on, preprocessed as in
     training: uint8 ``(N, 3, H, W)`` at the checkpoint's input size. Drawn at random (seeded) so that they
     span the folder's driving runs rather than its first frames."""
-    return _calibration_frames(state, data, _split_pairs(state, data, layout)[0], count, seed)
+    pre = state["preprocess"]
+    chosen = _calibration_pairs(state, data, _split_pairs(state, data, layout)[0], count, seed)
+    return _frames(chosen, tuple(pre["size"]), pre.get("resize_mode", "default"))
 
 
 class FullFrame(nn.Module):
@@ -574,6 +577,7 @@ def export_checkpoint(
     calibration: int = 64,
     method: str = "minmax",
     layout: str = "auto",
+    scales: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Write a checkpoint as ONNX models that a runtime can serve, with what it needs to use them.
 
@@ -581,17 +585,22 @@ def export_checkpoint(
     folded in); with ``int8``, ``OUT/model.int8.onnx`` is its int8 version: activations equalized
     (``equalize.equalize_activations``, exact in float), then quantized by ``quantize_int8`` with
     ``method`` calibration on ``calibration`` images of ``data`` that the run did not validate on.
-    ``OUT/model.json`` records the input (name, NCHW float32, uint8 / 255, size), the output, the classes
-    and, for int8, the calibration and the share of pixels whose class matches the fp32 model's on up to 16
-    of the run's validation frames found in ``data`` (else on calibration frames). An export predicts in one
-    pass at the input size: a checkpoint's multi-scale ``predict_scales`` stay with the checkpoint (for the
-    default recipe one pass scores ~0.01 mIoU lower on held-out CARLA runs, RESULTS.md). Every file is written
-    to a temporary name and renamed, so a failed export leaves earlier files intact; a successful fp32-only
-    export removes an earlier ``model.int8.onnx``. Returns the ``model.json`` contents.
+    An ONNX graph has one input size, so each prediction scale other than 1 (``scales``; by default the
+    checkpoint's ``predict_scales``, [0.6, 1.0] for the default recipe) gets graphs of its own,
+    ``model.x0.6.onnx`` and ``model.int8.x0.6.onnx`` (int8 calibrated on the same frames at that size):
+    ``predict`` and ``evaluate`` on the export then average the scales as the checkpoint does.
+    ``OUT/model.json`` records the input (name, NCHW float32, uint8 / 255, size), the output, the classes,
+    the scales and their files, and, for int8, the calibration and the share of pixels whose class matches
+    the fp32 model's on up to 16 of the run's validation frames found in ``data`` (else on calibration
+    frames), per scale. Every file is written to a temporary name and renamed, so a failed export leaves
+    earlier files intact; a successful export removes the model files of an earlier one that it did not
+    write again (an int8 model after an fp32-only export, the graphs of scales no longer exported).
+    Returns the ``model.json`` contents.
     """
     from .checkpoint import atomic_write_text, load_checkpoint
     from .equalize import equalize_activations
     from .model import model_from_checkpoint
+    from .predict import check_scales, scaled_size
 
     if int8 and data is None:
         raise UnetsegError("int8 export needs --data DIR: training images to calibrate the int8 ranges on")
@@ -601,6 +610,8 @@ def export_checkpoint(
         raise UnetsegError(f"{checkpoint}: the checkpoint records no input size (preprocess.size)")
     size = (int(pre["size"][0]), int(pre["size"][1]))
     resize_mode = pre.get("resize_mode", "default")
+    predict_scales = check_scales((pre.get("predict_scales") or [1.0]) if scales is None else scales)
+    extra = sorted(set(predict_scales) - {1.0})  # 1x is model.onnx, always written
     model = model_from_checkpoint(state).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -616,44 +627,57 @@ def export_checkpoint(
         "layout": pre.get("layout", "auto"),
         "val_names": list(state.get("val_names") or []),
         "files": {"fp32": "model.onnx"},
-        # The graphs have one fixed input size, so an export predicts in one pass at it, even where the
-        # checkpoint averages several scales (its own predict_scales, kept here for reference).
-        "predict_scales": [1.0],
+        # predict/evaluate average these scales, as the checkpoint does (scale_files: the graphs for each
+        # scale other than 1; checkpoint_predict_scales: the checkpoint's own, for reference).
+        "predict_scales": predict_scales,
+        "scale_files": {f"{v:g}": {"size": list(scaled_size(size, v)), "fp32": f"model.x{v:g}.onnx"} for v in extra},
         "checkpoint_predict_scales": [float(v) for v in pre.get("predict_scales") or [1.0]],
     }
+    graphs = {1.0: (info["files"], size)} | {v: (info["scale_files"][f"{v:g}"], scaled_size(size, v)) for v in extra}
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
-        staged = {"model.onnx": export_onnx(FullFrame(model), Path(tmp) / "model.onnx", input_size=size)}
+        staged = {files["fp32"]: export_onnx(FullFrame(model), Path(tmp) / files["fp32"], input_size=hw)
+                  for files, hw in graphs.values()}
         if int8:
             train_pairs, val_pairs = _split_pairs(state, data, layout)
-            frames = _calibration_frames(state, data, train_pairs, calibration, seed=0)
-            check, check_on = (_frames(val_pairs[:16], size, resize_mode), "validation") if val_pairs else (
-                frames[:16], "calibration")
-            equalized = export_onnx(FullFrame(equalize_activations(model, frames)), Path(tmp) / "eq.onnx",
-                                    input_size=size)
-            staged["model.int8.onnx"] = quantize_int8(
-                equalized, frames, Path(tmp) / "model.int8.onnx", method=method, check_frames=0
-            )
-            agreement = int8_agreement(staged["model.onnx"], staged["model.int8.onnx"], check)
-            _warn_if_astray(out / "model.int8.onnx", agreement, f"{len(check)} {check_on} frames")
-            info["files"]["int8"] = "model.int8.onnx"
+            chosen = _calibration_pairs(state, data, train_pairs, calibration, seed=0)
+            frames = _frames(chosen, size, resize_mode)
+            # Equalization is exact in float and does not depend on the input size: one model for every scale.
+            equalized_model = equalize_activations(model, frames)
+            agreements = {}
+            for v, (files, hw) in graphs.items():
+                scaled = frames if hw == size else _frames(chosen, hw, resize_mode)
+                check, check_on = (_frames(val_pairs[:16], hw, resize_mode), "validation") if val_pairs else (
+                    scaled[:16], "calibration")
+                equalized = export_onnx(FullFrame(equalized_model), Path(tmp) / "eq.onnx", input_size=hw)
+                files["int8"] = files["fp32"].replace("model.", "model.int8.", 1)
+                staged[files["int8"]] = quantize_int8(
+                    equalized, scaled, Path(tmp) / files["int8"], method=method, check_frames=0
+                )
+                agreements[f"{v:g}"] = int8_agreement(staged[files["fp32"]], staged[files["int8"]], check)
+                _warn_if_astray(out / files["int8"], agreements[f"{v:g}"], f"{len(check)} {check_on} frames")
             info["int8"] = {
                 "calibration_frames": len(frames), "method": method, "equalized": True,
-                "agreement_with_fp32": round(agreement, 6), "agreement_frames": len(check),
+                "agreement_with_fp32": round(agreements["1"], 6), "agreement_frames": len(check),
                 "agreement_on": f"{check_on} frames",
+                "agreement_with_fp32_by_scale": {k: round(a, 6) for k, a in agreements.items()},
             }
         for name, path in staged.items():
             os.replace(path, out / name)
-    if not int8:  # an int8 model left by an earlier export no longer matches model.onnx
-        (out / "model.int8.onnx").unlink(missing_ok=True)
+    # Model files of an earlier export that this one did not write (an int8 model after an fp32-only export,
+    # graphs of other scales) no longer match model.onnx: remove them so nothing picks them up.
+    for stale in [*out.glob("model.int8.onnx"), *out.glob("model.x*.onnx"), *out.glob("model.int8.x*.onnx")]:
+        if stale.name not in staged:
+            stale.unlink(missing_ok=True)
     atomic_write_text(out / "model.json", json.dumps(info, indent=2) + "\n")
     return info
 
 
 def load_exported(path: str | os.PathLike) -> dict[str, Any]:
     """What ``predict``/``evaluate`` need to run an export of ``export_checkpoint``: ``path`` is its folder
-    (which runs the int8 model where there is one) or one of its ``.onnx`` files. Returns a dict shaped like
-    a checkpoint's (``classes``, ``preprocess``, ``model_config``, ``val_names``) plus ``onnx`` (the model
-    file) and ``precision`` (``int8`` or ``fp32``)."""
+    (which runs the int8 model where there is one) or its ``model.onnx`` / ``model.int8.onnx``. Returns a dict
+    shaped like a checkpoint's (``classes``, ``preprocess`` with the export's ``predict_scales``,
+    ``model_config``, ``val_names``) plus ``onnx`` (the 1x model file), ``onnx_scales`` (scale -> model file
+    of that precision) and ``precision`` (``int8`` or ``fp32``)."""
     p = Path(path)
     folder = p.parent if p.suffix == ".onnx" else p
     meta = folder / "model.json"
@@ -662,16 +686,28 @@ def load_exported(path: str | os.PathLike) -> dict[str, Any]:
     try:
         info = json.loads(meta.read_text(encoding="utf-8"))
         files = info["files"]
-        onnx_file = p if p.suffix == ".onnx" else folder / files.get("int8", files["fp32"])
-        precision = "int8" if onnx_file.name == files.get("int8") else "fp32"
+        scale_files = {float(k): v for k, v in (info.get("scale_files") or {}).items()}
+        if p.suffix == ".onnx" and any(p.name in v.values() for v in scale_files.values()):
+            raise UnetsegError(f"{path}: one scale's graph of a multi-scale export; pass its folder {folder}, "
+                               f"{folder / files['fp32']} or {folder / files.get('int8', files['fp32'])}")
+        if p.suffix == ".onnx":
+            onnx_file, precision = p, ("int8" if p.name == files.get("int8") else "fp32")
+        else:
+            precision = "int8" if "int8" in files else "fp32"
+            onnx_file = folder / files[precision]
+        # Scales whose graphs exist in this precision; exports before multi-scale ones have only 1x.
+        onnx_scales = {1.0: onnx_file} | {v: folder / f[precision] for v, f in scale_files.items() if precision in f}
+        predict_scales = [float(v) for v in info.get("predict_scales") or [1.0] if float(v) in onnx_scales]
         state = {
-            "onnx": onnx_file, "precision": precision, "classes": info["classes"],
+            "onnx": onnx_file, "onnx_scales": onnx_scales, "precision": precision, "classes": info["classes"],
             "model_config": info["model_config"], "val_names": info.get("val_names", []),
             "preprocess": {"size": info["input"]["size"], "resize_mode": info["input"]["resize_mode"],
-                           "scale": 1 / 255, "layout": info.get("layout", "auto")},
+                           "scale": 1 / 255, "layout": info.get("layout", "auto"),
+                           "predict_scales": predict_scales or [1.0]},
         }
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UnetsegError(f"{meta}: not a model.json written by `unetseg export` ({type(e).__name__}: {e})") from None
-    if not onnx_file.is_file():
-        raise UnetsegError(f"{onnx_file}: no such ONNX model")
+    for f in onnx_scales.values():
+        if not f.is_file():
+            raise UnetsegError(f"{f}: no such ONNX model (model.json lists it; export again)")
     return state

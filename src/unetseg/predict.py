@@ -77,11 +77,17 @@ class Predictor:
             if self.device.type != "cpu":
                 raise UnetsegError(f"{state['onnx']}: exported models run on the CPU (ONNX Runtime); use the "
                                    f"checkpoint on {self.device.type}")
-            if self.scales != [1.0]:
-                raise UnetsegError(f"{state['onnx']}: an exported model runs at its one input size, so it cannot "
-                                   f"predict at scales {self.scales}; use --scales 1, or the checkpoint")
-            self.model: Any = OnnxPredictor(state["onnx"], threads=threads)
-            self._forward = self.model
+            # One graph per scale (each ONNX graph has one input size), picked by the size of the batch.
+            graphs = state.get("onnx_scales") or {1.0: state["onnx"]}
+            missing = [v for v in self.scales if v not in graphs]
+            if missing:
+                have = " ".join(f"{v:g}" for v in sorted(graphs))
+                raise UnetsegError(f"{state['onnx']}: this export has graphs for scales {have} only, so it cannot "
+                                   f"predict at scales {missing}; use --scales with those, export again with "
+                                   f"`unetseg export --scales ...`, or use the checkpoint")
+            by_size = {scaled_size(size, v): OnnxPredictor(graphs[v], threads=threads) for v in self.scales}
+            self.model: Any = by_size  # (H, W) -> OnnxPredictor
+            self._forward = lambda x: by_size[tuple(x.shape[-2:])](x)
             self.precision = f"{state['precision']} (ONNX Runtime)"
         else:
             # bf16 weights where the hardware does bf16 natively, channels_last, and torch.compile when
@@ -112,8 +118,7 @@ class Predictor:
         """``image`` resized as in training (to the checkpoint's size, if it has one), times ``scale``."""
         from .data import resize_image
 
-        size = self.preprocess.get("size") or image.shape[:2]
-        size = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        size = scaled_size(self.preprocess.get("size") or image.shape[:2], scale)
         if tuple(image.shape[:2]) != size:
             return resize_image(image, size, self.preprocess.get("resize_mode", "default"))
         return image
@@ -161,6 +166,12 @@ class Predictor:
             for i, p in zip(idx, pred.to(torch.uint8).cpu().numpy(), strict=True):
                 results[i] = p
         return results  # type: ignore[return-value]
+
+
+def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
+    """``(H, W)`` times ``scale``, rounded: the size a frame is predicted at for that scale (exports use the
+    same rule for their per-scale graphs)."""
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def check_scales(scales: Iterable[float]) -> list[float]:
