@@ -547,8 +547,8 @@ def calibration_frames(
     """Up to ``count`` images of ``data`` that the checkpoint's run did not validate on, preprocessed as in
     training: uint8 ``(N, 3, H, W)`` at the checkpoint's input size. Drawn at random (seeded) so that they
     span the folder's driving runs rather than its first frames."""
+    chosen = _calibration_pairs(state, data, _split_pairs(state, data, layout)[0], count, seed)  # checks the size
     pre = state["preprocess"]
-    chosen = _calibration_pairs(state, data, _split_pairs(state, data, layout)[0], count, seed)
     return _frames(chosen, tuple(pre["size"]), pre.get("resize_mode", "default"))
 
 
