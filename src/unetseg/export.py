@@ -611,7 +611,8 @@ def export_checkpoint(
     size = (int(pre["size"][0]), int(pre["size"][1]))
     resize_mode = pre.get("resize_mode", "default")
     predict_scales = check_scales((pre.get("predict_scales") or [1.0]) if scales is None else scales)
-    extra = sorted(set(predict_scales) - {1.0})  # 1x is model.onnx, always written
+    # 1x is model.onnx, always written; each other scale gets graphs of its own size
+    extra = {v: scaled_size(size, v) for v in sorted(set(predict_scales) - {1.0})}
     model = model_from_checkpoint(state).eval()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -630,10 +631,10 @@ def export_checkpoint(
         # predict/evaluate average these scales, as the checkpoint does (scale_files: the graphs for each
         # scale other than 1; checkpoint_predict_scales: the checkpoint's own, for reference).
         "predict_scales": predict_scales,
-        "scale_files": {f"{v:g}": {"size": list(scaled_size(size, v)), "fp32": f"model.x{v:g}.onnx"} for v in extra},
+        "scale_files": {f"{v:g}": {"size": list(hw), "fp32": f"model.x{v:g}.onnx"} for v, hw in extra.items()},
         "checkpoint_predict_scales": [float(v) for v in pre.get("predict_scales") or [1.0]],
     }
-    graphs = {1.0: (info["files"], size)} | {v: (info["scale_files"][f"{v:g}"], scaled_size(size, v)) for v in extra}
+    graphs = {1.0: (info["files"], size)} | {v: (info["scale_files"][f"{v:g}"], hw) for v, hw in extra.items()}
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         staged = {files["fp32"]: export_onnx(FullFrame(model), Path(tmp) / files["fp32"], input_size=hw)
                   for files, hw in graphs.values()}
@@ -643,21 +644,21 @@ def export_checkpoint(
             frames = _frames(chosen, size, resize_mode)
             # Equalization is exact in float and does not depend on the input size: one model for every scale.
             equalized_model = equalize_activations(model, frames)
+            check_pairs, check_on = (val_pairs[:16], "validation") if val_pairs else (chosen[:16], "calibration")
             agreements = {}
             for v, (files, hw) in graphs.items():
                 scaled = frames if hw == size else _frames(chosen, hw, resize_mode)
-                check, check_on = (_frames(val_pairs[:16], hw, resize_mode), "validation") if val_pairs else (
-                    scaled[:16], "calibration")
+                check = _frames(check_pairs, hw, resize_mode)
                 equalized = export_onnx(FullFrame(equalized_model), Path(tmp) / "eq.onnx", input_size=hw)
                 files["int8"] = files["fp32"].replace("model.", "model.int8.", 1)
                 staged[files["int8"]] = quantize_int8(
                     equalized, scaled, Path(tmp) / files["int8"], method=method, check_frames=0
                 )
                 agreements[f"{v:g}"] = int8_agreement(staged[files["fp32"]], staged[files["int8"]], check)
-                _warn_if_astray(out / files["int8"], agreements[f"{v:g}"], f"{len(check)} {check_on} frames")
+                _warn_if_astray(out / files["int8"], agreements[f"{v:g}"], f"{len(check_pairs)} {check_on} frames")
             info["int8"] = {
                 "calibration_frames": len(frames), "method": method, "equalized": True,
-                "agreement_with_fp32": round(agreements["1"], 6), "agreement_frames": len(check),
+                "agreement_with_fp32": round(agreements["1"], 6), "agreement_frames": len(check_pairs),
                 "agreement_on": f"{check_on} frames",
                 "agreement_with_fp32_by_scale": {k: round(a, 6) for k, a in agreements.items()},
             }
