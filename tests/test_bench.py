@@ -25,6 +25,7 @@ from unetseg.bench import (
     count_flops,
     interleaved_medians,
     main,
+    peak_reference,
     run_benchmark,
 )
 from unetseg.errors import UnetsegError
@@ -211,7 +212,11 @@ def test_benchmark_quick_reports_every_figure() -> None:
     for key in ("train_gflops", "infer_gflops", "train_pct_of_fp32_peak", "infer_x_fp32", "samples"):
         assert key in row, key
     assert row["samples"] == {"train": 2, "infer": 2, "latency": 4}
-    assert r["peaks"]["matmul_fp32_gflops"] > 0 and r["peaks"]["matmul_bf16_gflops"] > 0
+    assert r["peaks"]["matmul_fp32_gflops"] > 0
+    # An emulated bf16 matmul is no peak: probed only where bf16 is native.
+    assert ("matmul_bf16_gflops" in r["peaks"]) == cpu_has_native_bf16()
+    if cpu_has_native_bf16():
+        assert r["peaks"]["matmul_bf16_gflops"] > 0
     assert r["gflop_per_image"]["train_step"] == pytest.approx(3 * r["gflop_per_image"]["forward"])
     assert r["auto"]["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
 
@@ -227,6 +232,16 @@ def test_benchmark_onnx_modes_and_json(tmp_path: Path) -> None:
     assert r["infer_int8_images_per_s"] > 0 and r["latency_int8_ms"] > 0
     assert "train_images_per_s" not in r["modes"]["onnx_int8"]
     assert r["modes"]["onnx_int8"]["precision"] == "int8"
+    # int8 is set against the bf16 peak where bf16 is native, else against the fp32 peak.
+    ref = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert r["modes"]["onnx_int8"][f"infer_pct_of_{ref}_peak"] > 0
+
+
+def test_peak_reference() -> None:
+    assert peak_reference("fp32", True) == "fp32"
+    assert peak_reference("bf16", True) == "bf16"
+    assert peak_reference("int8", True) == "bf16"
+    assert peak_reference("int8", False) == "fp32"
 
 
 def test_benchmark_rejects_unknown_modes_and_sizes() -> None:
@@ -343,3 +358,16 @@ def test_training_optimizers_are_fused_and_match_the_loop() -> None:
             loop.step()
         for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_may_saturate_only_on_x86_without_vnni(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
+    from unetseg import runtime
+
+    cases = [("x86_64", {"avx2"}, True), ("x86_64", {"avx2", "avx512_vnni"}, False),
+             ("x86_64", {"avx2", "avx_vnni"}, False), ("aarch64", set(), False)]
+    for machine, flags, expected in cases:
+        monkeypatch.setattr(platform, "machine", lambda m=machine: m)
+        monkeypatch.setattr(runtime, "cpu_flags", lambda f=flags: frozenset(f))
+        assert runtime.int8_may_saturate() is expected, (machine, flags)

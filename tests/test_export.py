@@ -128,11 +128,12 @@ def test_int8_quantization_is_static_qdq_per_channel(tiny: nn.Module, tiny_onnx:
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "ConvTranspose" not in ops
     inits = {i.name: i for i in graph.initializer}
     # Per-channel weights: a weight DequantizeLinear has one scale per output channel (a vector).
-    int8 = {name for name, t in inits.items() if t.data_type == onnx.TensorProto.INT8}
+    # (signed weights, or unsigned ones on an x86 CPU without VNNI: int8_weights)
+    quantized = {name for name, t in inits.items() if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     weight_scales = [
         numpy_helper.to_array(inits[n.input[1]])
         for n in graph.node
-        if n.op_type == "DequantizeLinear" and n.input[0] in int8
+        if n.op_type == "DequantizeLinear" and n.input[0] in quantized
     ]
     assert weight_scales and all(s.ndim == 1 and s.size > 1 for s in weight_scales)
     x = frames[:4].float() / 255
@@ -157,6 +158,70 @@ def test_int8_quantization_warns_when_its_classes_stray_from_fp32(tiny_onnx: Pat
         quantize_int8(tiny_onnx, frames, tmp_path / "q2.onnx", check_frames=0, min_agreement=1.01)
     assert int8_agreement(tiny_onnx, tiny_onnx, frames[:2]) == 1.0
     assert 0.5 < int8_agreement(tiny_onnx, q, frames) < 1.0  # near-ties of random weights flip some pixels
+
+
+def test_int8_weights_describe_how_they_were_quantized(tiny_onnx: Path, tmp_path: Path) -> None:
+    from unetseg.export import int8_weights, quantize_int8
+    from unetseg.runtime import int8_may_saturate
+
+    frames = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def made(name: str, **kw: object) -> dict:
+        return int8_weights(quantize_int8(tiny_onnx, frames, tmp_path / name, check_frames=0, **kw))
+
+    assert made("s8.onnx", weight_type="int8") == {"type": "int8", "bits": 8}
+    assert made("s7.onnx", weight_type="int8", reduce_range=True) == {"type": "int8", "bits": 7}
+    assert made("u8.onnx", weight_type="uint8") == {"type": "uint8", "bits": 8}
+    # By default: unsigned weights where signed ones would saturate (x86 without VNNI), signed elsewhere.
+    assert made("auto.onnx")["type"] == ("uint8" if int8_may_saturate() else "int8")
+    with pytest.raises(UnetsegError, match="weight type 'int4'"):
+        made("bad.onnx", weight_type="int4")
+    with pytest.raises(UnetsegError, match="no quantized weights"):
+        int8_weights(tiny_onnx)
+
+
+def _fake_export(folder: Path, fp32: Path, int8: Path) -> Path:
+    """A minimal export folder (what load_exported reads) around the given graphs."""
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(fp32.read_bytes())
+    (folder / "model.int8.onnx").write_bytes(int8.read_bytes())
+    info = {"files": {"fp32": "model.onnx", "int8": "model.int8.onnx"},
+            "input": {"size": [32, 32], "resize_mode": "default"},
+            "classes": {"names": [f"c{i}" for i in range(5)]}, "model_config": {"n_classes": 5}}
+    (folder / "model.json").write_text(json.dumps(info))
+    return folder
+
+
+def test_8bit_int8_export_is_not_run_where_it_saturates(
+    tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model with signed 8-bit weights (made on a VNNI CPU) on an x86 CPU without VNNI: ONNX Runtime's u8 x s8
+    # kernels there add pairs of products in saturating int16 (5 % of a lab checkpoint's pixels changed class),
+    # so the folder runs its fp32 model instead, and naming the int8 file runs it with a warning.
+    import unetseg.export as export
+    from unetseg.export import load_exported, quantize_int8
+
+    frames = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    s8 = quantize_int8(tiny_onnx, frames, tmp_path / "s8.onnx", check_frames=0, weight_type="int8")
+    u8 = quantize_int8(tiny_onnx, frames, tmp_path / "u8.onnx", check_frames=0, weight_type="uint8")
+    s7 = quantize_int8(tiny_onnx, frames, tmp_path / "s7.onnx", check_frames=0, weight_type="int8", reduce_range=True)
+    full = _fake_export(tmp_path / "full", tiny_onnx, s8)
+
+    monkeypatch.setattr(export, "int8_may_saturate", lambda: True)
+    with pytest.warns(UserWarning, match="signed 8-bit weights.*Running .*model.onnx instead"):
+        state = load_exported(full)
+    assert state["precision"] == "fp32" and state["onnx"] == full / "model.onnx"
+    with pytest.warns(UserWarning, match="signed 8-bit weights.*pass model.onnx"):
+        state = load_exported(full / "model.int8.onnx")
+    assert state["precision"] == "int8"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name, q in (("unsigned", u8), ("seven_bit", s7)):  # neither saturates
+            assert load_exported(_fake_export(tmp_path / name, tiny_onnx, q))["precision"] == "int8"
+
+        monkeypatch.setattr(export, "int8_may_saturate", lambda: False)  # a VNNI (or ARM) CPU
+        state = load_exported(full)
+    assert state["precision"] == "int8" and state["onnx"] == full / "model.int8.onnx"
 
 
 def test_quantize_rejects_bad_inputs(tiny_onnx: Path, tmp_path: Path) -> None:
@@ -280,6 +345,9 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(
     assert q["agreement_on"] == "validation frames" and q["agreement_frames"] == min(16, len(state["val_names"]))
     assert 0.5 < q["agreement_with_fp32"] <= 1.0 and set(q["agreement_with_fp32_by_scale"]) == {"0.5", "1"}
     assert q["agreement_with_fp32_by_scale"]["1"] == q["agreement_with_fp32"]
+    from unetseg.runtime import int8_may_saturate
+
+    assert q["weights"] == {"type": "uint8" if int8_may_saturate() else "int8", "bits": 8}
     assert not list(out.glob(".export-*"))  # the staging folder is gone
     import onnx
 

@@ -11,10 +11,11 @@ Images go in as float32 ``(N, 3, H, W)`` scaled to ``[0, 1]`` (uint8 / 255, as t
   The shuffle is written as NHWC reshapes/permutes rather than ``DepthToSpace``, so ONNX Runtime's
   NHWC int8 convs need no layout transposes around it.
 * ``quantize_int8(onnx_path, calibration_images, out_path)`` does static post-training quantization
-  (QDQ format, uint8 activations, per-channel int8 weights) calibrated on training frames, and warns
-  when the int8 model's classes stray from the fp32 model's on them (``int8_agreement``). A trained
-  decoder's activations need rescaling first (``equalize.equalize_activations``, exact in float), and
-  on some checkpoints one decoder level kept in float (``float_levels``): see ``quantize_int8``.
+  (QDQ format, uint8 activations, per-channel 8-bit weights: signed, unsigned on x86 without VNNI)
+  calibrated on training frames, and warns when the int8 model's classes stray from the fp32 model's on
+  them (``int8_agreement``). A trained decoder's activations need rescaling first
+  (``equalize.equalize_activations``, exact in float), and on some checkpoints one decoder level kept in
+  float (``float_levels``): see ``quantize_int8``.
 * ``OnnxPredictor(path, threads=None)`` runs either model with ONNX Runtime: ``predictor(images)``.
 * ``export_checkpoint(checkpoint, out_dir, int8=True, data=DIR)`` (``unetseg export``) does all of it for a
   checkpoint: ``model.onnx``, the equalized and calibrated ``model.int8.onnx``, the same pair for each of
@@ -60,6 +61,7 @@ from torch import nn
 from .cpuload import machine_is_busy
 from .errors import UnetsegError
 from .model import ConvTranspose2dSame
+from .runtime import int8_may_saturate
 
 __all__ = [
     "ConvTransposeAsConvShuffle",
@@ -280,8 +282,10 @@ def quantize_int8(
     float_levels: Sequence[int] = (),
     check_frames: int = 16,
     min_agreement: float = 0.96,
+    weight_type: str | None = None,
+    reduce_range: bool = False,
 ) -> Path:
-    """Static post-training int8 quantization (QDQ, uint8 activations, per-channel int8 weights).
+    """Static post-training int8 quantization (QDQ, uint8 activations, per-channel 8-bit weights).
 
     Args:
         onnx_path: an fp32 model from ``export_onnx`` (preferably with ``rewrite_transposed=True``).
@@ -305,8 +309,17 @@ def quantize_int8(
             pixels. On 16 training frames the lab recipe's checkpoint agreed on 97.3 % (0.77 mIoU point
             lost on validation frames), the default recipe's on 94.1-94.4 % (8.3 points lost).
 
-    Weights are symmetric per output channel; activations asymmetric per tensor. ``reduce_range`` (7-bit
-    weights) is used only on CPUs without VNNI, where the u8 x s8 multiply can saturate.
+        weight_type: ``int8`` (signed weights, what VNNI multiplies) or ``uint8``; ``None`` picks ``uint8`` on
+            an x86 CPU without VNNI (``runtime.int8_may_saturate``) and ``int8`` elsewhere. Without VNNI,
+            ONNX Runtime multiplies u8 activations by s8 weights with AVX2's ``vpmaddubsw``, whose int16 pair
+            sums saturate: on a lab-recipe checkpoint the fused kernels' classes then matched the QDQ
+            graph's exact arithmetic on 94.8 % of the pixels, against 98.1 % with u8 weights (which it
+            widens to int16 first) and 90.9 % with 7-bit s8 weights, whose halved precision cost more
+            (agreement with fp32 73.6 %, against 96.4 % for u8; BENCHMARKS.md, session 11). An s8 model made
+            on a VNNI CPU is therefore not run int8 on such a CPU (``load_exported``, ``int8_weights``).
+        reduce_range: 7-bit weights, ONNX Runtime's own remedy for that saturation (kept for comparison).
+
+    Weights are symmetric per output channel; activations asymmetric per tensor.
 
     One uint8 scale per tensor cannot hold a trained decoder's uneven activations: quantize the export of
     ``equalize.equalize_activations(model, frames)`` (exact in float), as ``export_checkpoint`` does, and
@@ -323,8 +336,6 @@ def quantize_int8(
         quantize_static,
     )
 
-    from .runtime import cpu_has_vnni
-
     methods = {
         "minmax": CalibrationMethod.MinMax,
         "percentile": CalibrationMethod.Percentile,
@@ -332,6 +343,11 @@ def quantize_int8(
     }
     if method not in methods:
         raise UnetsegError(f"calibration method {method!r} is not one of {', '.join(methods)}")
+    weight_types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    if weight_type is None:
+        weight_type = "uint8" if int8_may_saturate() else "int8"
+    if weight_type not in weight_types:
+        raise UnetsegError(f"weight type {weight_type!r} is not one of {', '.join(weight_types)}")
     if check_frames < 0:
         raise UnetsegError(f"check_frames {check_frames} must be 0 (no check) or more")
     frames = _as_float_images(calibration_images)
@@ -394,9 +410,9 @@ def quantize_int8(
                 _Reader(),
                 quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
+                weight_type=weight_types[weight_type],
                 per_channel=True,
-                reduce_range=not cpu_has_vnni(),
+                reduce_range=reduce_range,
                 calibrate_method=methods[method],
                 nodes_to_exclude=exclude,
                 extra_options={
@@ -416,6 +432,33 @@ def quantize_int8(
     return out_path
 
 
+def int8_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """How an int8 ONNX model's weights are quantized: ``{"type": "int8" | "uint8", "bits": 7 | 8}`` (7: signed
+    weights within +-64, ``reduce_range``). Signed 8-bit weights are the ones that saturate on an x86 CPU
+    without VNNI."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    kinds = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
+    inits = {t.name: t for t in model.graph.initializer if t.data_type in kinds}
+    types, largest = set(), 0
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            t = inits[node.input[0]]
+            types.add(kinds[t.data_type])
+            if t.data_type == onnx.TensorProto.INT8:
+                largest = max(largest, int(np.abs(numpy_helper.to_array(t).astype(np.int16)).max()))
+    if not types:
+        raise UnetsegError(f"{path}: no quantized weights (not an int8 model of quantize_int8)")
+    kind = "int8" if "int8" in types else "uint8"
+    return {"type": kind, "bits": 7 if kind == "int8" and largest <= 64 else 8}
+
+
+def _saturates_here(weights: dict[str, Any]) -> bool:
+    return weights["type"] == "int8" and weights["bits"] == 8 and int8_may_saturate()
+
+
 def _warn_if_astray(int8_path: Path, agreement: float, frames: str, min_agreement: float = 0.96) -> None:
     """Warn when an int8 model's classes agree with fp32's on fewer than ``min_agreement`` of the pixels."""
     if agreement < min_agreement:
@@ -424,7 +467,7 @@ def _warn_if_astray(int8_path: Path, agreement: float, frames: str, min_agreemen
             f"pixels of {frames} (below {min_agreement:.0%}): expect a large accuracy loss. Quantize the model "
             "rescaled by equalize.equalize_activations (as export_checkpoint and `unetseg export --int8` do), try "
             "percentile calibration, measure the loss on validation frames (`unetseg evaluate` takes the export), "
-            "or use the bf16 path",
+            "or serve the float model (the checkpoint, or the export's model.onnx)",
             UserWarning,
             stacklevel=3,
         )
@@ -661,6 +704,8 @@ def export_checkpoint(
                 "agreement_with_fp32": round(agreements["1"], 6), "agreement_frames": len(check_pairs),
                 "agreement_on": f"{check_on} frames",
                 "agreement_with_fp32_by_scale": {k: round(a, 6) for k, a in agreements.items()},
+                # uint8 where made on an x86 CPU without VNNI; an int8-weight model is not run int8 on such a CPU
+                "weights": int8_weights(staged[info["files"]["int8"]]),
             }
         for name, path in staged.items():
             os.replace(path, out / name)
@@ -696,6 +741,21 @@ def load_exported(path: str | os.PathLike) -> dict[str, Any]:
         else:
             precision = "int8" if "int8" in files else "fp32"
             onnx_file = folder / files[precision]
+        if precision == "int8" and int8_may_saturate() and onnx_file.is_file():
+            weights = (info.get("int8") or {}).get("weights") or int8_weights(onnx_file)  # older exports: read it
+            if _saturates_here(weights):
+                chosen = p.suffix == ".onnx"  # the int8 file named: run it, but say what to expect
+                warnings.warn(
+                    f"{onnx_file}: an int8 model with signed 8-bit weights, made on a CPU with VNNI; this CPU (x86 "
+                    "without VNNI) adds their products in saturating 16-bit sums, so its classes can differ from "
+                    "those the export measured (logits off by up to 17 on a lab-recipe checkpoint, BENCHMARKS.md). "
+                    + ("Export again on this machine (it quantizes to uint8 weights) or pass model.onnx."
+                       if chosen else f"Running {folder / files['fp32']} instead; export again on this machine "
+                       "(`unetseg export --int8`, uint8 weights) to run int8 here."),
+                    UserWarning, stacklevel=2,
+                )
+                if not chosen:
+                    precision, onnx_file = "fp32", folder / files["fp32"]
         # Scales whose graphs exist in this precision; exports before multi-scale ones have only 1x.
         onnx_scales = {1.0: onnx_file} | {v: folder / f[precision] for v, f in scale_files.items() if precision in f}
         predict_scales = [float(v) for v in info.get("predict_scales") or [1.0] if float(v) in onnx_scales]

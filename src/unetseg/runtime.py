@@ -17,6 +17,7 @@ import contextlib
 import copy
 import functools
 import os
+import platform
 import shutil
 import sys
 from collections.abc import Callable
@@ -50,6 +51,13 @@ def cpu_has_native_bf16() -> bool:
 def cpu_has_vnni() -> bool:
     """True where int8 dot products run natively (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
+def int8_may_saturate() -> bool:
+    """True on an x86 CPU without VNNI: there ONNX Runtime multiplies u8 activations by s8 weights with AVX2's
+    ``vpmaddubsw``, whose int16 pair sums saturate for 8-bit weights (7-bit weights cannot). ARM's int8
+    dot products and x86 VNNI accumulate in int32 and do not."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and not cpu_has_vnni()
 
 
 def pick_device(name: str = "auto") -> torch.device:
