@@ -55,8 +55,8 @@ def cpu_has_vnni() -> bool:
 
 def int8_may_saturate() -> bool:
     """True on an x86 CPU without VNNI: there ONNX Runtime multiplies u8 activations by s8 weights with AVX2's
-    ``vpmaddubsw``, whose int16 pair sums saturate for 8-bit weights (7-bit weights cannot). ARM's int8
-    dot products and x86 VNNI accumulate in int32 and do not."""
+    ``vpmaddubsw``, whose int16 pair sums saturate for signed 8-bit weights (unsigned weights, which it
+    widens first, and 7-bit ones cannot). ARM's int8 dot products and x86 VNNI accumulate in int32."""
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and not cpu_has_vnni()
 
 
