@@ -312,12 +312,13 @@ def quantize_int8(
         weight_type: ``int8`` (signed weights, what VNNI multiplies) or ``uint8``; ``None`` picks ``uint8`` on
             an x86 CPU without VNNI (``runtime.int8_may_saturate``) and ``int8`` elsewhere. Without VNNI,
             ONNX Runtime multiplies u8 activations by s8 weights with AVX2's ``vpmaddubsw``, whose int16 pair
-            sums saturate: on a lab-recipe checkpoint the fused kernels' classes then matched the QDQ
-            graph's exact arithmetic on 94.8 % of the pixels, against 98.1 % with u8 weights (which it
-            widens to int16 first) and 90.9 % with 7-bit s8 weights, whose halved precision cost more
-            (agreement with fp32 73.6 %, against 96.4 % for u8; BENCHMARKS.md, session 11). An s8 model made
-            on a VNNI CPU is therefore not run int8 on such a CPU (``load_exported``, ``int8_weights``).
-        reduce_range: 7-bit weights, ONNX Runtime's own remedy for that saturation (kept for comparison).
+            sums saturate: on a lab-recipe checkpoint the fused kernels' logits strayed by up to 23 from the
+            QDQ graph's exact arithmetic and int8 lost 0.97 mIoU point against fp32, 0.30 with u8 weights
+            (which it widens to int16 first; BENCHMARKS.md, session 11). An s8 model made on a VNNI CPU is
+            therefore not run int8 on such a CPU (``load_exported``, ``int8_weights``).
+        reduce_range: 7-bit weights, ONNX Runtime's own remedy for that saturation; they halve the weights'
+            precision (class agreement with fp32 95.4 and 73.6 % on two checkpoints, 97.6 and 96.4 % with
+            u8 weights), so they are kept for comparison only.
 
     Weights are symmetric per output channel; activations asymmetric per tensor.
 
@@ -748,7 +749,7 @@ def load_exported(path: str | os.PathLike) -> dict[str, Any]:
                 warnings.warn(
                     f"{onnx_file}: an int8 model with signed 8-bit weights, made on a CPU with VNNI; this CPU (x86 "
                     "without VNNI) adds their products in saturating 16-bit sums, so its classes can differ from "
-                    "those the export measured (logits off by up to 17 on a lab-recipe checkpoint, BENCHMARKS.md). "
+                    "those the export measured (0.97 mIoU point lost on a lab-recipe checkpoint, BENCHMARKS.md). "
                     + ("Export again on this machine (it quantizes to uint8 weights) or pass model.onnx."
                        if chosen else f"Running {folder / files['fp32']} instead; export again on this machine "
                        "(`unetseg export --int8`, uint8 weights) to run int8 here."),
