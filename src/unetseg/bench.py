@@ -137,13 +137,6 @@ def count_flops(model: nn.Module, size: tuple[int, int], in_channels: int | None
     return total
 
 
-def bf16_is_native(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matmuls natively (a CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()
-
-
 def peak_reference(precision: str, has_bf16_peak: bool) -> str:
     """The matmul peak (``fp32`` | ``bf16``) that a mode of ``precision`` is compared with.
 
@@ -601,7 +594,7 @@ def run_benchmark(
         n = 1024 if quick else 2048
         peaks = {"fp32": matmul_gflops(torch.float32, n, dev)}
         # An emulated bf16 matmul is no peak (0.2 GFLOP/s on an AVX2-only CPU, ~90 s per round at n=2048).
-        if bf16_is_native(dev):
+        if resolve_precision("auto", dev) == "bf16":  # bf16 is native on this device
             peaks["bf16"] = matmul_gflops(torch.bfloat16, n, dev)
         times: dict[str, dict[str, list[float]]] = {s.name: {"train": [], "infer": [], "latency": []} for s in subjects}
         rss: dict[str, dict[str, float]] = {}

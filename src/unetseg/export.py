@@ -456,10 +456,6 @@ def int8_weights(path: str | os.PathLike) -> dict[str, Any]:
     return {"type": kind, "bits": 7 if kind == "int8" and largest <= 64 else 8}
 
 
-def _saturates_here(weights: dict[str, Any]) -> bool:
-    return weights["type"] == "int8" and weights["bits"] == 8 and int8_may_saturate()
-
-
 def _warn_if_astray(int8_path: Path, agreement: float, frames: str, min_agreement: float = 0.96) -> None:
     """Warn when an int8 model's classes agree with fp32's on fewer than ``min_agreement`` of the pixels."""
     if agreement < min_agreement:
@@ -744,7 +740,7 @@ def load_exported(path: str | os.PathLike) -> dict[str, Any]:
             onnx_file = folder / files[precision]
         if precision == "int8" and int8_may_saturate() and onnx_file.is_file():
             weights = (info.get("int8") or {}).get("weights") or int8_weights(onnx_file)  # older exports: read it
-            if _saturates_here(weights):
+            if weights["type"] == "int8" and weights["bits"] == 8:  # the weights that saturate here
                 chosen = p.suffix == ".onnx"  # the int8 file named: run it, but say what to expect
                 warnings.warn(
                     f"{onnx_file}: an int8 model with signed 8-bit weights, made on a CPU with VNNI; this CPU (x86 "
