@@ -22,7 +22,7 @@ from unetseg.data import load_dataset
 from unetseg.errors import UnetsegError
 from unetseg.losses import cross_entropy
 from unetseg.model import build_model, forward_full
-from unetseg.train import resume, train, train_step
+from unetseg.train import epoch_order, resume, run_balanced_weights, train, train_step
 
 
 def _history(run: Path) -> list[dict[str, str]]:
@@ -60,11 +60,29 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
      ({"prior_correction": 1.5}, "prior_correction"), ({"class_weight_clip": 0.5}, "class_weight_clip"),
      ({"loss": "focal"}, "ce, ce\\+dice, ce\\+lovasz"), ({"lovasz_from": 1.0}, "lovasz_from 1.0"),
      ({"predict_scales": []}, "predict_scales"), ({"predict_scales": [0.6, 0]}, "predict_scales"),
-     ({"predict_scales": 0.6}, "predict_scales \\S+ must be a list"), ({"class_mix": 1.5}, "class_mix 1.5")],
+     ({"predict_scales": 0.6}, "predict_scales \\S+ must be a list"), ({"class_mix": 1.5}, "class_mix 1.5"),
+     ({"run_balance": -0.5}, "run_balance -0.5 must be in \\[0, 1\\]")],
 )
 def test_bad_settings_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(UnetsegError, match=message):
         resolve_config(overrides=overrides)
+
+
+def test_run_balance_gives_each_sequence_its_share() -> None:
+    # one run of 1 frame, one of 3, one of 12 (frame numbers more than max_gap apart)
+    names = ["000001"] + [f"{n:06d}" for n in range(100, 103)] + [f"{n:06d}" for n in range(500, 512)]
+    run = torch.tensor([0] + [1] * 3 + [2] * 12)
+    shares = {}
+    for power in (0.0, 0.5, 1.0):
+        w = run_balanced_weights(names, power, max_gap=20)
+        order = torch.cat([epoch_order(len(names), w, torch.Generator().manual_seed(e)) for e in range(2000)])
+        shares[power] = torch.bincount(run[order], minlength=3).double() / len(order)
+    expected = {0.0: [1 / 16, 3 / 16, 12 / 16], 1.0: [1 / 3] * 3,
+                0.5: [v / (1 + 3**0.5 + 12**0.5) for v in (1, 3**0.5, 12**0.5)]}
+    for power, share in shares.items():
+        assert torch.allclose(share, torch.tensor(expected[power], dtype=torch.double), atol=0.01), (power, share)
+    # off: every frame exactly once per epoch, as before
+    assert sorted(epoch_order(16, None, torch.Generator().manual_seed(0)).tolist()) == list(range(16))
 
 
 def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
@@ -155,6 +173,28 @@ def test_lovasz_term_joins_after_its_share_of_the_epochs(scenes: Path, tmp_path:
     assert summary["epochs"] == 2 and all(float(r["train_loss"]) > 0 for r in history)
     n_steps = -(-len(json.loads((out / "split.json").read_text())["train_idx"]) // TINY_TRAIN["batch_size"])
     assert len(calls) == n_steps  # epoch 1 of 2 trains without the term, epoch 2 with it at every step
+
+
+@pytest.mark.slow
+def test_run_balance_reaches_the_epoch_order(scenes: Path, tmp_path: Path, monkeypatch) -> None:
+    train_module = sys.modules["unetseg.train"]  # `unetseg.train` the attribute is the function
+
+    seen: list[torch.Tensor | None] = []
+    order = train_module.epoch_order
+
+    def spy(n, weights, generator):
+        seen.append(weights)
+        return order(n, weights, generator)
+
+    monkeypatch.setattr(train_module, "epoch_order", spy)
+    out = tmp_path / "run"
+    train(**{**TINY_TRAIN, "run_balance": 1.0, "epochs": 1}, data=str(scenes), out=str(out))
+    n_train = len(json.loads((out / "split.json").read_text())["train_idx"])
+    assert len(seen) == 1 and seen[0] is not None and seen[0].shape == (n_train,)
+    assert yaml.safe_load((out / "config.yaml").read_text())["settings"]["run_balance"] == 1.0
+    seen.clear()
+    train(**{**TINY_TRAIN, "epochs": 1}, data=str(scenes), out=str(tmp_path / "plain"))
+    assert seen == [None]  # off by default
 
 
 @pytest.mark.slow

@@ -50,6 +50,9 @@ class TrainConfig:
     color_jitter: float = 0.2
     rare_crops: float = 0.0  # share of training crops centred on a pixel of a rare class (needs crop)
     class_mix: float = 0.0  # share of training samples given half the classes of another sample (ClassMix)
+    # a training frame is drawn with weight (frames in its sequence) ** -run_balance: 0 shows every frame once
+    # per epoch; 1 shows every sequence (driving run) equally often, frames drawn with replacement
+    run_balance: float = 0.0
     layout: str = "auto"
     palette: str | None = None  # JSON/CSV name -> RGB, for colour masks
     class_names: str | None = None  # file naming the classes
@@ -149,6 +152,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.val_every >= 1, f"val_every {cfg.val_every} must be at least 1"),
         (0 <= cfg.rare_crops <= 1, f"rare_crops {cfg.rare_crops} must be in [0, 1]"),
         (0 <= cfg.class_mix <= 1, f"class_mix {cfg.class_mix} must be in [0, 1]"),
+        (0 <= cfg.run_balance <= 1, f"run_balance {cfg.run_balance} must be in [0, 1] (0: uniform, 1: per sequence)"),
         (cfg.arch in ("lab", "paper"), f"--arch {cfg.arch!r} must be lab or paper"),
         (cfg.optimizer in ("adam", "adamw"), f"optimizer {cfg.optimizer!r} must be adam or adamw"),
         (cfg.schedule in ("constant", "onecycle", "cosine"), f"schedule {cfg.schedule!r} is unknown"),
