@@ -129,6 +129,31 @@ def test_augment_reproducible_and_jitter_in_range():
         augment_batch(x, m[:, :8], crop_size=(8, 8))
 
 
+def test_hue_turn_keeps_luma_and_moves_hue() -> None:
+    import math
+
+    from unetseg.data.augment import _gray, jitter_colors, rotate_hues
+
+    x = torch.rand(3, 3, 8, 8) * 0.4 + 0.3  # mid-range colours: a turn stays inside [0, 1]
+    torch.testing.assert_close(rotate_hues(x, torch.zeros(3)), x, atol=1e-6, rtol=0)
+    turned = rotate_hues(x, torch.tensor([0.5, -1.0, math.pi]))
+    torch.testing.assert_close(_gray(turned), _gray(x), atol=1e-5, rtol=0)
+    assert (turned - x).abs().amax(dim=(1, 2, 3)).min() > 0.02
+    red = torch.tensor([0.7, 0.3, 0.3]).view(1, 3, 1, 1)
+    green = rotate_hues(red, torch.tensor([-2 * math.pi / 3])).flatten()
+    assert green[1] > green[0] and green[1] > green[2]
+    # hue 0 draws nothing from the generator and changes nothing beyond the other jitter
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(jitter_colors(x, 0.2, g1), jitter_colors(x, 0.2, g2, hue=0.0))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    m = torch.randint(0, 5, (3, 8, 8))
+    plain = augment_batch(x, m, hflip=False, scale_range=None, color_jitter=0.0, hue=0.0)
+    hued = augment_batch(x, m, hflip=False, scale_range=None, color_jitter=0.0, hue=0.2,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain[1], hued[1]) and not torch.allclose(plain[0], hued[0])
+    torch.testing.assert_close(_gray(hued[0]), _gray(x), atol=1e-5, rtol=0)
+
+
 def test_rare_class_centers_aim_crops_at_rare_pixels() -> None:
     from unetseg.data import augment_batch, rare_class_centers
 

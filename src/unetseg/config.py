@@ -48,6 +48,7 @@ class TrainConfig:
     augment: bool = False  # flip, scale, colour jitter (train only)
     scale_range: list[float] = field(default_factory=lambda: [0.75, 1.25])
     color_jitter: float = 0.2
+    hue_jitter: float = 0.0  # random hue turn of up to this share of a full turn either way (0.1: +-36 degrees)
     rare_crops: float = 0.0  # share of training crops centred on a pixel of a rare class (needs crop)
     class_mix: float = 0.0  # share of training samples given half the classes of another sample (ClassMix)
     # a training frame is drawn with weight (frames in its sequence) ** -run_balance: 0 shows every frame once
@@ -152,6 +153,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.val_every >= 1, f"val_every {cfg.val_every} must be at least 1"),
         (0 <= cfg.rare_crops <= 1, f"rare_crops {cfg.rare_crops} must be in [0, 1]"),
         (0 <= cfg.class_mix <= 1, f"class_mix {cfg.class_mix} must be in [0, 1]"),
+        (0 <= cfg.hue_jitter <= 0.5, f"hue_jitter {cfg.hue_jitter} must be in [0, 0.5] (a share of a full turn)"),
         (0 <= cfg.run_balance <= 1, f"run_balance {cfg.run_balance} must be in [0, 1] (0: uniform, 1: per sequence)"),
         (cfg.arch in ("lab", "paper"), f"--arch {cfg.arch!r} must be lab or paper"),
         (cfg.optimizer in ("adam", "adamw"), f"optimizer {cfg.optimizer!r} must be adam or adamw"),

@@ -345,6 +345,7 @@ def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
                 x, y, crop_size=tuple(cfg.crop) if cfg.crop else None,
                 scale_range=tuple(cfg.scale_range) if cfg.augment else None, hflip=cfg.augment,
                 color_jitter=cfg.color_jitter if cfg.augment else 0.0, generator=g, centers=centers,
+                hue=cfg.hue_jitter if cfg.augment else 0.0,
             )
         if cfg.class_mix > 0:
             x, y = class_mix(x, y, cfg.class_mix, generator=g)

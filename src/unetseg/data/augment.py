@@ -1,7 +1,7 @@
 """Batch augmentation in torch with identical geometry for images and masks.
 
 Per sample: a horizontal flip (p = 0.5), a random scale followed by a random crop of ``crop_size``, and
-colour jitter (brightness, contrast, saturation; image only). Flip, scale and crop are one affine
+colour jitter (brightness, contrast, saturation and optionally hue; image only). Flip, scale and crop are one affine
 resampling (:func:`torch.nn.functional.grid_sample`), bilinear for the image and nearest for the mask,
 so the mask's labels are copied, never blended, and both stay aligned to the pixel. The scale is drawn
 from ``scale_range`` but raised where needed so the crop always fits inside the scaled image (no
@@ -17,6 +17,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -34,37 +36,61 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
+# RGB -> YIQ (NTSC): luma and two chroma axes, so that a rotation in the chroma plane turns the hue and
+# keeps the luma.
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def rotate_hues(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Turn each sample's hue by ``angles`` (radians, ``(B,)``) in the YIQ chroma plane; luma unchanged.
+
+    ``images``: ``(B, 3, H, W)`` float RGB in [0, 1]; returns the same shape, clamped to [0, 1]. A third of
+    a turn (``-2 * pi / 3``) takes red to green.
+    """
+    to_yiq = _RGB_TO_YIQ.to(images.device, images.dtype)
+    c, s = angles.cos().to(images.dtype), angles.sin().to(images.dtype)
+    rot = torch.zeros(len(angles), 3, 3, dtype=images.dtype, device=images.device)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+    m = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # (B, 3, 3) per-sample RGB -> RGB
+    return torch.einsum("bij,bjhw->bihw", m, images).clamp_(0.0, 1.0)
+
+
 def jitter_colors(images: torch.Tensor, strength: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random brightness, contrast and saturation factors in ``[1 - strength, 1 + strength]`` per sample.
+                  generator: torch.Generator | None = None, hue: float = 0.0) -> torch.Tensor:
+    """Random brightness, contrast and saturation factors in ``[1 - strength, 1 + strength]`` per sample,
+    then (``hue > 0``) a hue turn of up to ``hue`` of a full turn either way (0.1: +-36 degrees).
 
     ``images``: ``(B, 3, H, W)`` float in [0, 1]; returns the same shape, clamped to [0, 1].
     """
-    if strength <= 0:
-        return images
     b = images.shape[0]
     dev = images.device
-    f = [_uniform(b, 1 - strength, 1 + strength, generator, dev).view(b, 1, 1, 1) for _ in range(3)]
-    x = images * f[0]
-    mean = _gray(x).mean(dim=(2, 3), keepdim=True)
-    x = (x - mean) * f[1] + mean
-    g = _gray(x)
-    x = (x - g) * f[2] + g
-    return x.clamp_(0.0, 1.0)
+    x = images
+    if strength > 0:
+        f = [_uniform(b, 1 - strength, 1 + strength, generator, dev).view(b, 1, 1, 1) for _ in range(3)]
+        x = x * f[0]
+        mean = _gray(x).mean(dim=(2, 3), keepdim=True)
+        x = (x - mean) * f[1] + mean
+        g = _gray(x)
+        x = ((x - g) * f[2] + g).clamp_(0.0, 1.0)
+    if hue > 0:
+        x = rotate_hues(x, _uniform(b, -hue * 2 * math.pi, hue * 2 * math.pi, generator, dev))
+    return x
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, *, crop_size: tuple[int, int] | None = None,
                   scale_range: tuple[float, float] = (0.75, 1.25), hflip: bool = True,
                   color_jitter: float = 0.2, generator: torch.Generator | None = None,
-                  centers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  centers: torch.Tensor | None = None, hue: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment a batch.
 
     ``images``: ``(B, 3, H, W)`` float32 in [0, 1]; ``masks``: ``(B, H, W)`` int64 class ids.
     Returns ``(images (B, 3, h, w) float32 in [0, 1], masks (B, h, w) int64)`` with ``(h, w) = crop_size``,
     or ``(H, W)`` when ``crop_size`` is ``None`` (then scales below 1 cannot fit and are raised to 1).
     ``scale_range=None`` or ``(1, 1)`` with ``crop_size=None`` skips resampling; ``color_jitter=0`` skips
-    colour changes. All randomness comes from ``generator`` (a CPU ``torch.Generator``), so a seeded
-    generator reproduces the batch. ``centers`` ``(B, 2)`` (y, x in input pixels; NaN rows: random) centres
+    brightness, contrast and saturation changes; ``hue`` (a share of a full turn, e.g. 0.1) adds a random
+    hue turn. All randomness comes from ``generator`` (a CPU ``torch.Generator``), so a seeded generator
+    reproduces the batch. ``centers`` ``(B, 2)`` (y, x in input pixels; NaN rows: random) centres
     the crop on a point where it fits, e.g. from :func:`rare_class_centers`.
     """
     if images.dim() != 4 or images.shape[1] != 3:
@@ -125,7 +151,7 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, *, crop_size: tuple
         f4 = flip.view(b, 1, 1, 1)
         images = torch.where(f4, images.flip(-1), images)
         masks = torch.where(flip.view(b, 1, 1), masks.flip(-1), masks).long()
-    images = jitter_colors(images, float(color_jitter), generator)
+    images = jitter_colors(images, float(color_jitter), generator, hue=float(hue))
     return images.clamp(0.0, 1.0), masks
 
 
