@@ -142,10 +142,15 @@ def test_hue_turn_keeps_luma_and_moves_hue() -> None:
     red = torch.tensor([0.7, 0.3, 0.3]).view(1, 3, 1, 1)
     green = rotate_hues(red, torch.tensor([-2 * math.pi / 3])).flatten()
     assert green[1] > green[0] and green[1] > green[2]
-    # hue 0 draws nothing from the generator and changes nothing beyond the other jitter
+    # hue 0 draws only the three factors per sample it drew before hue existed, so seeded runs keep their
+    # augmentation stream; a hue turn draws one more number per sample
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    torch.testing.assert_close(jitter_colors(x, 0.2, g1), jitter_colors(x, 0.2, g2, hue=0.0))
+    jitter_colors(x, 0.2, g1, hue=0.0)
+    for _ in range(3):
+        torch.rand(len(x), generator=g2)
     assert torch.equal(g1.get_state(), g2.get_state())
+    jitter_colors(x, 0.2, g1, hue=0.1)
+    assert not torch.equal(g1.get_state(), g2.get_state())
     m = torch.randint(0, 5, (3, 8, 8))
     plain = augment_batch(x, m, hflip=False, scale_range=None, color_jitter=0.0, hue=0.0)
     hued = augment_batch(x, m, hflip=False, scale_range=None, color_jitter=0.0, hue=0.2,
