@@ -1,10 +1,10 @@
 """Two ways to compute the weight gradient of the lab model's four stride-2 transposed convs on a CPU.
 
-``model._TransposedConvSameCPU`` copies the nine taps of the (padded) output gradient into GEMM rows and
-multiplies once; the same sum is the weight gradient of the stride-2 conv that gives the input gradient,
-with the layer's input as that conv's output gradient (``torch.ops.aten.convolution_backward``, oneDNN's
-backward-weights kernel, which reads the padded gradient in place). This times both per layer, interleaved,
-medians of 11, at one batch size and frame size.
+``model._TransposedConvSameCPU`` (``model.transposed_conv_weight_grad``) copies the nine taps of the
+(padded) output gradient into GEMM rows and multiplies once; the same sum is the weight gradient of the
+stride-2 conv that gives the input gradient, with the layer's input as that conv's output gradient
+(``torch.ops.aten.convolution_backward``, oneDNN's backward-weights kernel, which reads the padded gradient
+in place). This times both per layer, interleaved, medians of 11, at one batch size and frame size.
 
 Example (the lab recipe's step, then the default recipe's)::
 
@@ -22,18 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from unetseg.model import transposed_conv_weight_grad as taps_gemm
 from unetseg.runtime import flush_denormals, set_threads
-
-
-def taps_gemm(x: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
-    """What ``_TransposedConvSameCPU.backward`` does: ``(C_in, C_out, 3, 3)``."""
-    n, c_in, h, w = x.shape
-    c_out = padded.shape[1]
-    p = padded.permute(0, 2, 3, 1)
-    sn, sh, sw, sc = p.stride()
-    taps = p.as_strided((n, h, w, 3, 3, c_out), (sn, 2 * sh, 2 * sw, sh, sw, sc), p.storage_offset())
-    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c_in)
-    return (rows.t() @ taps.reshape(n * h * w, 9 * c_out)).view(c_in, 3, 3, c_out).permute(0, 3, 1, 2).contiguous()
 
 
 def onednn(x: torch.Tensor, padded: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
