@@ -221,6 +221,32 @@ def test_class_mix_runs_on_every_training_batch(scenes: Path, tmp_path: Path, mo
     assert calls == []  # off by default
 
 
+def test_data_thread_only_where_cores_are_spare(monkeypatch) -> None:
+    from unetseg.train import data_thread_pays
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not data_thread_pays(torch.device("cpu"))  # both cores run the step: batches between steps
+    assert data_thread_pays(torch.device("cuda"))  # a GPU step leaves the CPU free
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert data_thread_pays(torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_data_thread_or_not_trains_the_same_weights(scenes: Path, tmp_path: Path, monkeypatch) -> None:
+    train_module = sys.modules["unetseg.train"]
+    settings = {**TINY_TRAIN, "epochs": 2, "size": [48, 64], "crop": [32, 48], "augment": True,
+                "deterministic": True}
+    weights = []
+    for thread in (True, False):
+        monkeypatch.setattr(train_module, "data_thread_pays", lambda device, thread=thread: thread)
+        out = tmp_path / f"thread_{thread}"
+        train(**settings, data=str(scenes), out=str(out))
+        assert yaml.safe_load((out / "config.yaml").read_text())["environment"]["data_thread"] is thread
+        weights.append(load_checkpoint(out / "last.pt")["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_grad_clip_bounds_the_step() -> None:
     torch.manual_seed(0)
     model = build_model("lab", n_classes=3, base_filters=4, depth=2)
@@ -233,7 +259,7 @@ def test_grad_clip_bounds_the_step() -> None:
 
 
 @pytest.mark.slow
-def test_ema_run_validates_and_saves_the_average(scenes: Path, tmp_path: Path) -> None:
+def test_ema_run_validates_and_saves_the_average(scenes: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "ema"
     summary = train(**{**TINY_TRAIN, "ema": 0.5, "split_seed": 3, "seed": 1}, data=str(scenes), out=str(out))
     best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
@@ -243,8 +269,9 @@ def test_ema_run_validates_and_saves_the_average(scenes: Path, tmp_path: Path) -
     assert any(not torch.equal(last["model"][k], last["train_model"][k]) for k in last["model"])
     assert summary["best_miou"] == best["best_miou"]
     # split_seed fixes the split whatever the training seed.
-    other = train(**{**TINY_TRAIN, "epochs": 1, "split_seed": 3, "seed": 2}, data=str(scenes),
+    other = train(**{**TINY_TRAIN, "epochs": 1, "split_seed": 3, "seed": 2, "ema": 0.999}, data=str(scenes),
                   out=str(tmp_path / "other"))
+    assert "note: ema 0.999 is not reached" in capsys.readouterr().out
     split = lambda run: json.loads((Path(run) / "split.json").read_text())  # noqa: E731
     assert split(out) == split(other["run_dir"])
 
@@ -406,3 +433,19 @@ def test_ema_decay_warms_up() -> None:
     avg = [torch.zeros(3)]
     update(avg, cur, torch.tensor(10_000))  # long after: the full decay
     torch.testing.assert_close(avg[0], torch.full((3,), 0.01))
+
+
+def test_ema_settings_above_the_warm_up_train_the_same_average(capsys) -> None:
+    from unetseg.train import _ema_update, ema_decay_at
+
+    assert ema_decay_at(0.997, 2989) < 0.997 == ema_decay_at(0.997, 2990)  # reached after 2,990 updates
+    torch.manual_seed(0)
+    steps = [torch.randn(4) for _ in range(500)]
+    averages = []
+    for decay in (0.99, 0.997, 0.999):
+        update, avg = _ema_update(decay), [torch.zeros(4)]
+        for n, w in enumerate(steps):
+            update(avg, [w], torch.tensor(n))
+        averages.append(avg[0])
+    # 500 updates end at decay 500/509 = 0.982: 0.997 and 0.999 are never reached, so they are one average.
+    assert torch.equal(averages[1], averages[2]) and torch.equal(averages[0], averages[1])

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import os
 import platform
 import queue
 import threading
@@ -155,6 +156,7 @@ class _Run:
     logit_bias: torch.Tensor | None  # (C,) added to the logits at prediction (prior correction)
     ema: torch.optim.swa_utils.AveragedModel | None  # moving average of the weights (cfg.ema > 0)
     frame_weights: torch.Tensor | None  # (N,) sampling weight per training frame (cfg.run_balance > 0)
+    data_thread: bool  # batches made in a background thread (True) or between the steps (data_thread_pays)
 
     @property
     def predicting_model(self) -> nn.Module:
@@ -200,15 +202,20 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float =
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The decay of the weight average at an update after ``updates`` earlier ones: ``min(decay, (1 + n) /
+    (10 + n))`` (TensorFlow's ``num_updates`` rule), so that a short run does not keep its first, random
+    weights in the average (at 0.997 plain, a 300-step run would still hold 41 % of them). The warm-up
+    reaches ``decay`` only after ``(10 decay - 1) / (1 - decay)`` updates (2,990 for 0.997): in a shorter
+    run every setting above the decay of its last step trains the same average."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
 def _ema_update(decay: float):
-    """``AveragedModel`` update: an exponential moving average whose decay warms up as
-    ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (TensorFlow's ``num_updates`` rule), so that a
-    short run does not keep its first, random weights in the average (at 0.997 plain, a 300-step run would
-    still hold 41 % of them)."""
+    """``AveragedModel`` update: an exponential moving average with ``ema_decay_at``'s warm-up."""
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        n = float(n_averaged)
-        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        weight = 1.0 - ema_decay_at(decay, int(n_averaged))
         for avg, cur in zip(averaged, current, strict=True):
             avg.lerp_(cur, weight)
 
@@ -297,7 +304,27 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
         model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
         loss_fn_before_lovasz=loss_fn_before_lovasz, steps_per_epoch=steps, preprocess=preprocess,
         class_pixels=class_pixels, logit_bias=logit_bias, ema=ema, frame_weights=frame_weights,
+        data_thread=data_thread_pays(device),
     )
+
+
+def data_thread_pays(device: torch.device) -> bool:
+    """Whether making the next batches in a background thread overlaps with the steps (True), or only takes
+    CPU from them (False: the batches are then made between the steps, in the training thread).
+
+    A CUDA step leaves the CPU free. On a CPU whose cores all run the step's threads, the data thread
+    preempts one of them inside a parallel region and the others wait for it at the region's end: on 2
+    cores with 2 threads the default recipe's steps took 32.9 s per epoch beside the thread and 31.2 s
+    with the batches made in between, which took 0.3 s (``benchmarks/epoch_overhead.py --data-thread
+    both``; BENCHMARKS.md, session 13).
+    """
+    if device.type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
 
 
 def run_balanced_weights(names: list[str], power: float, max_gap: int) -> torch.Tensor:
@@ -380,6 +407,7 @@ def _environment(run: _Run) -> dict[str, Any]:
     import PIL
 
     env = describe(run.device, run.precision)
+    env["data_thread"] = run.data_thread
     env.update(unetseg=unetseg_version, numpy=numpy.__version__, pillow=PIL.__version__,
                python=platform.python_version(), platform=platform.platform())
     return env
@@ -437,7 +465,7 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
         data_wait = 0.0
         bar = tqdm(total=run.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=cfg.no_progress,
                    leave=False, dynamic_ncols=True)
-        batches = _prefetch(_batches(run, epoch))
+        batches = _prefetch(_batches(run, epoch)) if run.data_thread else _batches(run, epoch)
         # Lovász-softmax refines a model that already segments (Berman et al. fine-tune with it), so a
         # "+lovasz" term can join after a share of the epochs; it also costs a sort per step.
         loss_fn = run.loss_fn if epoch > cfg.lovasz_from * cfg.epochs else run.loss_fn_before_lovasz
@@ -545,6 +573,11 @@ def train(config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
     print(f"training {cfg.arch} U-Net ({sum(p.numel() for p in run.model.parameters()):,} parameters) on "
           f"{len(run.train_images)} frames, validating on {len(run.val_images)} from held-out sequences; "
           f"{run.precision} on {run.device} with {torch.get_num_threads()} threads", flush=True)
+    total_steps = run.steps_per_epoch * cfg.epochs
+    if cfg.ema > 0 and ema_decay_at(cfg.ema, total_steps - 1) < cfg.ema:
+        print(f"note: ema {cfg.ema} is not reached in {total_steps:,} steps: the average's warm-up "
+              f"min(ema, (1+n)/(10+n)) ends at {ema_decay_at(cfg.ema, total_steps - 1):.4f}, so any ema above "
+              "that trains this same average", flush=True)
     return _fit(run, 1, [], float("nan"))
 
 
