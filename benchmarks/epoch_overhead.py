@@ -55,6 +55,8 @@ class _Clock:
         self.validate: list[float] = []
         self.shapes: dict[tuple, tuple] = {}  # batch shape -> the arguments of the first step of that shape
         self.pure: dict[tuple, list[float]] = {}  # batch shape -> lone step times
+        self.run: Any = None  # the trainer's run (model, optimizer, weight average), caught at _fit
+        self._write_started = 0.0
         self._orig: dict[str, Any] = {}
 
     def _epoch_starts(self) -> None:

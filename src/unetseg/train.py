@@ -574,10 +574,11 @@ def train(config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
           f"{len(run.train_images)} frames, validating on {len(run.val_images)} from held-out sequences; "
           f"{run.precision} on {run.device} with {torch.get_num_threads()} threads", flush=True)
     total_steps = run.steps_per_epoch * cfg.epochs
-    if cfg.ema > 0 and ema_decay_at(cfg.ema, total_steps - 1) < cfg.ema:
+    last_decay = ema_decay_at(cfg.ema, total_steps - 1)
+    if cfg.ema > 0 and last_decay < cfg.ema:
         print(f"note: ema {cfg.ema} is not reached in {total_steps:,} steps: the average's warm-up "
-              f"min(ema, (1+n)/(10+n)) ends at {ema_decay_at(cfg.ema, total_steps - 1):.4f}, so any ema above "
-              "that trains this same average", flush=True)
+              f"min(ema, (1+n)/(10+n)) ends at {last_decay:.4f}, so any ema above that trains this same average",
+              flush=True)
     return _fit(run, 1, [], float("nan"))
 
 
