@@ -449,3 +449,27 @@ def test_ema_settings_above_the_warm_up_train_the_same_average(capsys) -> None:
         averages.append(avg[0])
     # 500 updates end at decay 500/509 = 0.982: 0.997 and 0.999 are never reached, so they are one average.
     assert torch.equal(averages[1], averages[2]) and torch.equal(averages[0], averages[1])
+
+
+def test_debiased_ema_is_the_exact_exponential_average_from_the_first_update() -> None:
+    from unetseg.train import _ema_update, ema_decay_at
+
+    torch.manual_seed(0)
+    steps = [torch.randn(4, dtype=torch.float64) for _ in range(300)]
+    for decay in (0.9, 0.99):
+        update, avg = _ema_update(decay, "debiased"), [steps[0].clone()]  # AveragedModel copies the first
+        for n, w in enumerate(steps[1:], start=1):
+            update(avg, [w], torch.tensor(n))
+        ages = torch.arange(len(steps) - 1, -1, -1, dtype=torch.float64)
+        expected = (decay**ages[:, None] * torch.stack(steps)).sum(0) / (decay**ages).sum()
+        torch.testing.assert_close(avg[0], expected)
+    # unlike the "tf" rule, the setting matters in a short run: 300 updates at 0.99 and 0.999 differ
+    assert ema_decay_at(0.999, 299, "debiased") > ema_decay_at(0.99, 299, "debiased") > 0.98
+    assert ema_decay_at(0.999, 0, "debiased") == 0.0
+
+
+def test_ema_warmup_is_checked() -> None:
+    from unetseg.config import resolve_config
+
+    with pytest.raises(UnetsegError, match="ema_warmup 'swa' must be one of tf, debiased"):
+        resolve_config(overrides={"ema_warmup": "swa"})

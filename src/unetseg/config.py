@@ -25,6 +25,7 @@ from .errors import UnetsegError
 from .losses import LOSSES
 
 RECIPES = ("lab", "default")
+EMA_WARMUPS = ("tf", "debiased")
 
 
 @dataclass
@@ -78,6 +79,9 @@ class TrainConfig:
     predict_scales: list[float] = field(default_factory=lambda: [1.0])
     grad_clip: float = 0.0  # clip the global gradient norm to this before each step (0: off)
     ema: float = 0.0  # per-step decay of a moving average of the weights, which validation and best.pt use (0: off)
+    # how the average starts: "tf" = decay min(ema, (1+n)/(10+n)) (TensorFlow's rule; reaches 0.997 only after
+    # 2,990 updates); "debiased" = every update weighted by ema**age from the first one (Adam's bias correction)
+    ema_warmup: str = "tf"
     # execution
     seed: int = 0
     split_seed: int | None = None  # seed of the train/val split (None: seed), to compare seeds on one split
@@ -166,6 +170,7 @@ def validate(cfg: TrainConfig) -> None:
          f"predict_scales {cfg.predict_scales} must be a list of multiples of size in (0, 4], e.g. [0.6, 1.0]"),
         (cfg.grad_clip >= 0, f"grad_clip {cfg.grad_clip} must be >= 0 (0: off)"),
         (0 <= cfg.ema < 1, f"ema {cfg.ema} must be in [0, 1) (0: off; e.g. 0.995)"),
+        (cfg.ema_warmup in EMA_WARMUPS, f"ema_warmup {cfg.ema_warmup!r} must be one of {', '.join(EMA_WARMUPS)}"),
         (cfg.class_weight_clip >= 1, f"class_weight_clip {cfg.class_weight_clip} must be at least 1"),
         (cfg.resize_mode in ("lab", "default"), f"resize_mode {cfg.resize_mode!r} must be lab or default"),
         (cfg.precision in ("auto", "fp32", "bf16"), f"--precision {cfg.precision!r} must be auto, fp32 or bf16"),

@@ -202,20 +202,30 @@ def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float =
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def ema_decay_at(decay: float, updates: int) -> float:
-    """The decay of the weight average at an update after ``updates`` earlier ones: ``min(decay, (1 + n) /
-    (10 + n))`` (TensorFlow's ``num_updates`` rule), so that a short run does not keep its first, random
-    weights in the average (at 0.997 plain, a 300-step run would still hold 41 % of them). The warm-up
-    reaches ``decay`` only after ``(10 decay - 1) / (1 - decay)`` updates (2,990 for 0.997): in a shorter
-    run every setting above the decay of its last step trains the same average."""
+def ema_decay_at(decay: float, updates: int, warmup: str = "tf") -> float:
+    """The decay of the weight average at an update after ``updates`` earlier ones.
+
+    ``warmup="tf"``: ``min(decay, (1 + n) / (10 + n))`` (TensorFlow's ``num_updates`` rule), so that a short
+    run does not keep its first, random weights in the average (at 0.997 plain, a 300-step run would still
+    hold 41 % of them). It reaches ``decay`` only after ``(10 decay - 1) / (1 - decay)`` updates (2,990 for
+    0.997): in a shorter run every setting above the decay of its last step trains the same average, which
+    weights late steps about as ``(m / N) ** 8``.
+
+    ``warmup="debiased"``: ``decay (1 - decay**n) / (1 - decay**(n + 1))``, which makes the average after
+    ``n + 1`` updates exactly ``sum_m decay**(n - m) w_m / sum_m decay**(n - m)`` (Adam's bias correction):
+    the first weights get no excess share, and the window is ``1 / (1 - decay)`` updates from the start
+    (1,000 for 0.999), so ``ema`` sets the width of the average even in a short run.
+    """
+    if warmup == "debiased":
+        return decay * (1.0 - decay**updates) / (1.0 - decay ** (updates + 1))
     return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
-def _ema_update(decay: float):
+def _ema_update(decay: float, warmup: str = "tf"):
     """``AveragedModel`` update: an exponential moving average with ``ema_decay_at``'s warm-up."""
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        weight = 1.0 - ema_decay_at(decay, int(n_averaged))
+        weight = 1.0 - ema_decay_at(decay, int(n_averaged), warmup)
         for avg, cur in zip(averaged, current, strict=True):
             avg.lerp_(cur, weight)
 
@@ -278,7 +288,8 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
     optimizer = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
     ema = None
     if cfg.ema > 0:
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=_ema_update(cfg.ema), use_buffers=True)
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=_ema_update(cfg.ema, cfg.ema_warmup), use_buffers=True)
     steps = math.ceil(len(split.train) / cfg.batch_size)
     scheduler = _make_scheduler(cfg, optimizer, steps * cfg.epochs)
     train_masks = data.masks.index_select(0, tr)
@@ -575,9 +586,10 @@ def train(config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
           f"{run.precision} on {run.device} with {torch.get_num_threads()} threads", flush=True)
     total_steps = run.steps_per_epoch * cfg.epochs
     last_decay = ema_decay_at(cfg.ema, total_steps - 1)
-    if cfg.ema > 0 and last_decay < cfg.ema:
+    if cfg.ema > 0 and cfg.ema_warmup == "tf" and last_decay < cfg.ema:
         print(f"note: ema {cfg.ema} is not reached in {total_steps:,} steps: the average's warm-up "
-              f"min(ema, (1+n)/(10+n)) ends at {last_decay:.4f}, so any ema above that trains this same average",
+              f"min(ema, (1+n)/(10+n)) ends at {last_decay:.4f}, so any ema above that trains this same average "
+              "(ema_warmup: debiased gives a window of 1/(1-ema) steps from the start)",
               flush=True)
     return _fit(run, 1, [], float("nan"))
 
