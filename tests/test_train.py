@@ -468,6 +468,14 @@ def test_debiased_ema_is_the_exact_exponential_average_from_the_first_update() -
     assert ema_decay_at(0.999, 0, "debiased") == 0.0
 
 
+def test_ema_warmup_reaches_the_average_and_only_the_average(scenes: Path, tmp_path: Path) -> None:
+    runs = {warmup: train(**{**TINY_TRAIN, "epochs": 1, "ema": 0.9, "ema_warmup": warmup}, data=str(scenes),
+                          out=str(tmp_path / warmup)) for warmup in ("tf", "debiased")}
+    tf, debiased = (load_checkpoint(Path(runs[w]["run_dir"]) / "last.pt") for w in ("tf", "debiased"))
+    assert all(torch.equal(tf["train_model"][k], debiased["train_model"][k]) for k in tf["train_model"])
+    assert any(not torch.equal(tf["model"][k], debiased["model"][k]) for k in tf["model"])
+
+
 def test_ema_warmup_is_checked() -> None:
     from unetseg.config import resolve_config
 
