@@ -3,6 +3,8 @@
   autocast   eager, fp32 weights under bf16 autocast (the benchmark's ``bf16`` mode)
   unfused    ``runtime.InferenceModel`` eager with ``fuse=False``: bf16 weights, conv and ReLU apart
   fused      ``runtime.InferenceModel`` eager as predict/evaluate run it: each conv + ReLU one primitive
+  shuffle    ``fused`` with each transposed conv rewritten as a 2x2 conv + pixel shuffle
+             (``export.rewrite_transposed_convs``, exact to float rounding)
   compiled   ``runtime.InferenceModel(compiled=True)``: inductor with frozen weights (``--compiled``)
 
 Each round runs every path once after an untimed pause (so no thread pool is still spinning); prints
@@ -20,6 +22,7 @@ from functools import partial
 import torch
 
 from unetseg.bench import SETTLE_S, interleaved_medians
+from unetseg.export import rewrite_transposed_convs
 from unetseg.model import build_model
 from unetseg.runtime import InferenceModel, autocast, flush_denormals, retain_freed_memory, set_threads
 
@@ -47,6 +50,7 @@ def main() -> None:
         "autocast": autocast_path,
         "unfused": InferenceModel(model, "bf16", cpu, fuse=False),
         "fused": InferenceModel(model, "bf16", cpu),
+        "shuffle": InferenceModel(rewrite_transposed_convs(model), "bf16", cpu),
     }
     if args.compiled:
         paths["compiled"] = InferenceModel(model, "bf16", cpu, compiled=True, batch_size=32)

@@ -12,10 +12,12 @@ on a subset of these (what ``unetseg train`` and the benchmark's bf16/auto modes
   deconv     ``ConvTranspose2dSame``'s own backward on CPU (``model._TransposedConvSameCPU``) instead of
              oneDNN's strided deconvolution backward + the crop's backward
   dropout    ``model.Dropout`` (mask from ``torch.rand``) instead of ``nn.Dropout`` (``bernoulli_``)
+  convrelu   each conv + ReLU as one oneDNN primitive with autograd's own gradients (``runtime.fuse_conv_relu``,
+             session 15) instead of a conv and a separate in-place ReLU
   lovasz     the loss plus ``losses.lovasz_softmax`` (``--set lovasz``: what a "+lovasz" loss costs; the
              random targets hold all 23 classes, real batches ~15-18)
 
-Usage: python benchmarks/train_step_ab.py [--set deconv|session4|session4-total|session3|lovasz] [--rounds 7]
+Usage: python benchmarks/train_step_ab.py [--set convrelu|deconv|session4|session4-total|session3|lovasz] [--rounds 7]
        [--steps 4] [--threads 2] [--batch-size 32] [--size 96 128] [--loss ce|ce+dice]
 (the default recipe's step: ``--batch-size 8 --size 128 160 --loss ce+dice``)
 """
@@ -33,7 +35,7 @@ from torch import nn
 
 from unetseg.losses import cross_entropy, dice_loss, make_loss
 from unetseg.model import ConvTranspose2dSame, Dropout, build_model
-from unetseg.runtime import retain_freed_memory, set_threads
+from unetseg.runtime import fuse_conv_relu, retain_freed_memory, set_threads
 from unetseg.train import train_step
 
 SETS = {
@@ -56,15 +58,20 @@ SETS = {
         "session3 step": {"ftz", "fused"},
         "all": {"ftz", "fused", "loss", "dropout"},
     },
-    # session 5: the step without the transposed convs' own backward, then the shipped step (with it)
+    # session 5: the step without the transposed convs' own backward, then with it (session 5's step)
     "deconv": {
         "plain deconv": {"ftz", "fused", "loss", "dropout"},
-        "shipped step": {"ftz", "fused", "loss", "dropout", "deconv"},
+        "session5 step": {"ftz", "fused", "loss", "dropout", "deconv"},
+    },
+    # session 15: the step before it, then with each conv + ReLU fused (the shipped step)
+    "convrelu": {
+        "session5 step": {"ftz", "fused", "loss", "dropout", "deconv"},
+        "+convrelu": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu"},
     },
     # the shipped step, then the same with the Lovász-softmax term added to its loss
     "lovasz": {
-        "shipped step": {"ftz", "fused", "loss", "dropout", "deconv"},
-        "+lovasz": {"ftz", "fused", "loss", "dropout", "deconv", "lovasz"},
+        "shipped step": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu"},
+        "+lovasz": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "lovasz"},
     },
 }
 
@@ -85,6 +92,8 @@ def _model(items: set[str]) -> nn.Module:
         for name, child in mod.named_children():
             if isinstance(child, Dropout) and "dropout" not in items:
                 setattr(mod, name, nn.Dropout(child.p))
+    if "convrelu" in items:
+        fuse_conv_relu(model, (torch.bfloat16,))
     return model
 
 

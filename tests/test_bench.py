@@ -175,6 +175,46 @@ def test_inference_model_keeps_conv_and_relu_apart_where_the_fused_op_fails(monk
         torch.testing.assert_close(fast(x), net(x))
 
 
+@pytest.mark.parametrize("arch", ["lab", "paper"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_with_conv_relu_fused_takes_the_same_steps_bit_for_bit(arch: str, precision: str) -> None:
+    from unetseg.runtime import prepare_model_for_training
+    from unetseg.train import make_optimizer, train_step
+
+    if precision == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    torch.manual_seed(0)
+    plain = build_model(arch, **{**TINY, "dropout": 0.3}).to(memory_format=torch.channels_last).train()
+    fused = prepare_model_for_training(copy.deepcopy(plain), precision, CPU)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in plain.modules())
+    assert sum(type(m).__name__ == "_ConvReLU" for m in fused.modules()) == n_convs - 1
+    assert not any(isinstance(m, nn.ReLU) for m in fused.modules())
+    assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints load into a plain model
+    size = 32 if arch == "lab" else 44
+    x = torch.rand(2, plain.config["in_channels"], size, size).contiguous(memory_format=torch.channels_last)
+    out = 32 if arch == "lab" else 4
+    y = torch.randint(0, 5, (2, out, out))
+    opts = [make_optimizer("adam", net, 1e-2) for net in (plain, fused)]
+    for _ in range(3):  # dropout draws the same masks from the same seed in both
+        losses = []
+        for net, opt in zip((plain, fused), opts, strict=True):
+            torch.manual_seed(1)
+            losses.append(train_step(net, opt, x, y, precision, CPU)[0])
+        assert torch.equal(losses[0], losses[1])
+    for a, b in zip(plain.parameters(), fused.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_training_keeps_conv_and_relu_apart_where_the_fused_op_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unetseg.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_fused_conv_runs", lambda dtype: dtype != torch.bfloat16)
+    net = runtime.prepare_model_for_training(build_model("lab", **TINY), "bf16", CPU)
+    assert any(isinstance(m, nn.ReLU) for m in net.modules())  # fp32 weights alone are not enough for bf16
+    net = runtime.prepare_model_for_training(build_model("lab", **TINY), "fp32", CPU)
+    assert not any(isinstance(m, nn.ReLU) for m in net.modules())
+
+
 def test_inference_model_can_keep_an_fp32_head_in_bf16() -> None:
     net = build_model("lab", **TINY)
     fast = InferenceModel(net, "bf16", CPU, fp32_head=True)

@@ -16,6 +16,7 @@ import torch
 import yaml
 from conftest import TINY_TRAIN
 
+from unetseg import runtime
 from unetseg.checkpoint import load_checkpoint, save_checkpoint
 from unetseg.config import resolve_config
 from unetseg.data import load_dataset
@@ -133,6 +134,12 @@ def test_short_training_learns_and_writes_run_files(scenes: Path, tmp_path: Path
     assert summary["best_miou"] > 1.5 * chance
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["settings"]["arch"] == arch and cfg["environment"]["threads"] == 1
+    # Trained on the fused conv + ReLU path wherever this CPU's oneDNN has it (runtime.fuse_conv_relu).
+    env = cfg["environment"]
+    fusable = runtime._fused_conv_runs(torch.float32) and (
+        env["precision"] != "bf16" or runtime._fused_conv_runs(torch.bfloat16))
+    convs = sum(type(m) is torch.nn.Conv2d for m in build_model(arch, depth=2).modules())
+    assert env["fused_conv_relu"] == (convs - 1) * fusable  # all but the 1x1 logits conv
     assert "torch" in cfg["environment"] and cfg["data"]["val_frames"] > 0
     state = torch.load(out / "best.pt", weights_only=True)
     assert state["model_config"]["arch"] == arch and len(state["classes"]["names"]) == 23

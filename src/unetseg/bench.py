@@ -12,7 +12,7 @@ Modes (``--modes`` takes a comma-separated subset; ``auto`` and ``fp32`` are alw
 =============  =======================================================================================
 ``fp32``       eager fp32, NCHW (the baseline)
 ``fp32_cl``    eager fp32, channels_last
-``bf16``       eager bf16 autocast, channels_last
+``bf16``       eager bf16 autocast, channels_last (conv and ReLU apart, as written)
 ``fp32_compile``  ``torch.compile`` (inductor) fp32 channels_last; inference with frozen weights
 ``bf16_compile``  ``torch.compile`` bf16 autocast channels_last; inference with frozen bf16 weights
 ``onnx_fp32``  ONNX Runtime fp32 (inference only)
@@ -74,6 +74,7 @@ from .runtime import (
     flush_denormals,
     memory_format,
     pick_device,
+    prepare_model_for_training,
     resolve_compile,
     resolve_precision,
     retain_freed_memory,
@@ -205,7 +206,8 @@ def _rss_probe(
         retain_freed_memory()
         flush_denormals()
         opts = dict(model_options)
-        model = build_model(opts.pop("arch", "lab"), **opts).to(memory_format=torch.channels_last).train()
+        model = build_model(opts.pop("arch", "lab"), **opts).train()
+        prepare_model_for_training(model, resolve_precision(precision, dev), dev)
         opt = _make_optimizer(model)
         step_fn, _ = _train_step_fn()
         cin = int(model.config["in_channels"])
@@ -388,6 +390,8 @@ def _torch_subject(name: str, s: _Setup, auto: dict[str, Any], parts: set[str]) 
     step_fn, step_name = _train_step_fn()
     if "train" in parts:
         model = copy.deepcopy(s.model).to(dev, memory_format=mf).train()
+        if name == "auto" and not compile_train:  # as unetseg train prepares it; the others as written
+            prepare_model_for_training(model, precision, dev)
         opt = _make_optimizer(model)
         runner = compile_for_training(model) if compile_train else model
         images = s.images.contiguous(memory_format=mf)

@@ -225,21 +225,61 @@ class _Fp32Head(torch.nn.Module):
         return self.conv(x.float())
 
 
+def _conv_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: torch.nn.Conv2d) -> torch.Tensor:
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "relu", [], "",
+    )
+
+
+class _ConvReLUFunction(torch.autograd.Function):
+    """oneDNN's fused conv + ReLU with the gradients autograd computes for ``relu(conv2d(x))``.
+
+    Backward is the same two aten calls autograd makes for the unfused pair (ReLU's ``threshold_backward``
+    on the saved output, then ``convolution_backward``), so gradients are bit for bit the same; what goes
+    is the forward's separate ReLU pass over each activation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv):  # type: ignore[override]
+        out = _conv_relu(x, weight, bias, conv)
+        ctx.save_for_backward(x, weight, out)
+        ctx.conv, ctx.has_bias = conv, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, out = ctx.saved_tensors
+        conv = ctx.conv
+        grad = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        want = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0, 0], conv.groups, want,
+        )
+        return grad_x, grad_w, grad_b, None
+
+
 class _ConvReLU(torch.nn.Conv2d):
     """A ``Conv2d`` and the ``ReLU`` after it as one oneDNN primitive (ReLU as the conv's post-op), CPU only.
 
     ``fuse_conv_relu`` turns a conv into one in place (same parameters and state-dict keys). The outputs
-    are identical to conv-then-ReLU (ReLU commutes with rounding to bf16); what goes is the separate pass
-    over each activation: on the lab model in bf16 eager (batch 32, 2 cores) 4.4 % more images/s
-    (``benchmarks/inference_ab.py``, BENCHMARKS.md). ``torch.compile`` does the same fusion itself, so
-    compiled models keep plain layers.
+    are identical to conv-then-ReLU (ReLU commutes with rounding to bf16), and so are the gradients when
+    grad is on (``_ConvReLUFunction``); under CPU autocast it casts as autocast casts ``conv2d``. What goes
+    is the separate pass over each activation: on the lab model in bf16 eager (batch 32, 2 cores) 4.4 %
+    more inference images/s (``benchmarks/inference_ab.py``, BENCHMARKS.md), and on an AMX CPU, where
+    the convs are fast and that pass is ~8 % of a training step, the training step too (BENCHMARKS.md,
+    session 15). ``torch.compile`` does the same fusion itself, so compiled models keep plain layers.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
-            "relu", [], "",
-        )
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled("cpu"):  # what autocast does to conv2d's arguments
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _ConvReLUFunction.apply(x, weight, bias, self)
+        return _conv_relu(x, weight, bias, self)
 
 
 def _fusable_conv(m: torch.nn.Module) -> bool:
@@ -260,13 +300,16 @@ def _fused_conv_runs(dtype: torch.dtype) -> bool:
     return bool((y == 0).all())
 
 
-def fuse_conv_relu(net: torch.nn.Module) -> int:
+def fuse_conv_relu(net: torch.nn.Module, dtypes: tuple[torch.dtype, ...] = ()) -> int:
     """Turn, in place, each ``Conv2d`` directly followed by a ``ReLU`` (in an ``nn.Sequential``, or the lab
     U-Net's ``conv9``/``relu9``) into a ``_ConvReLU`` and that ReLU into an ``Identity``; returns how many.
-    For inference on the CPU only (the fused op has no autograd formula and no GPU kernel); a no-op where
-    oneDNN is unavailable."""
+
+    CPU only (the fused op has no GPU kernel); for inference and for training (same outputs and gradients).
+    A no-op where this torch build or CPU lacks oneDNN's fused op for the weights' dtype or any of
+    ``dtypes`` (for training under bf16 autocast: ``(torch.bfloat16,)``).
+    """
     dtype = next((p.dtype for p in net.parameters()), torch.float32)
-    if not _fused_conv_runs(dtype):
+    if not all(_fused_conv_runs(d) for d in (dtype, *dtypes)):
         return 0
     fused = 0
     for module in list(net.modules()):
@@ -284,6 +327,11 @@ def fuse_conv_relu(net: torch.nn.Module) -> int:
             module.relu9 = torch.nn.Identity()
             fused += 1
     return fused
+
+
+def count_fused_conv_relu(net: torch.nn.Module) -> int:
+    """How many conv + ReLU pairs of ``net`` run as one oneDNN primitive (``fuse_conv_relu``)."""
+    return sum(isinstance(m, _ConvReLU) for m in net.modules())
 
 
 class InferenceModel(torch.nn.Module):
@@ -403,6 +451,20 @@ def prepare_model_for_inference(
     h, w = image_size or (96, 128)
     compiled = resolve_compile(compile, "infer", n_images * h * w / (96 * 128) / 75.0, device)
     return InferenceModel(model, precision, device, compiled=compiled, batch_size=batch_size)
+
+
+def prepare_model_for_training(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+    """``model`` moved, in place, onto the fastest sound training path of ``device``; returns it.
+
+    ``precision`` is the resolved one (``fp32`` or ``bf16``, autocast). The weights stay fp32 (the
+    optimizer's), in the device's memory format; on the CPU each conv + ReLU becomes one oneDNN primitive
+    whose gradients are autograd's own (``fuse_conv_relu``): same weights after every step, bit for bit.
+    State-dict keys are unchanged, so checkpoints load into an unprepared model.
+    """
+    model.to(device, memory_format=memory_format(device))
+    if device.type == "cpu":
+        fuse_conv_relu(model, (torch.bfloat16,) if precision == "bf16" else ())
+    return model
 
 
 _ALLOCATOR_TUNED: bool | None = None

@@ -43,10 +43,12 @@ from .metrics import confusion_matrix, mean_iou, pixel_accuracy
 from .model import build_model, check_lab_size, crop_like, forward_full, paper_output_size
 from .runtime import (
     autocast,
+    count_fused_conv_relu,
     describe,
     flush_denormals,
     memory_format,
     pick_device,
+    prepare_model_for_training,
     resolve_precision,
     retain_freed_memory,
     set_threads,
@@ -284,7 +286,8 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
     model = build_model(
         cfg.arch, in_channels=3, n_classes=n_classes, base_filters=cfg.base_filters, depth=cfg.depth,
         dropout=cfg.dropout, batch_norm=cfg.batch_norm,
-    ).to(device, memory_format=memory_format(device))
+    )
+    prepare_model_for_training(model, precision, device)
     optimizer = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
     ema = None
     if cfg.ema > 0:
@@ -419,6 +422,7 @@ def _environment(run: _Run) -> dict[str, Any]:
 
     env = describe(run.device, run.precision)
     env["data_thread"] = run.data_thread
+    env["fused_conv_relu"] = count_fused_conv_relu(run.model)  # conv + ReLU pairs run as one oneDNN primitive
     env.update(unetseg=unetseg_version, numpy=numpy.__version__, pillow=PIL.__version__,
                python=platform.python_version(), platform=platform.platform())
     return env
