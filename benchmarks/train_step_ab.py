@@ -12,19 +12,22 @@ on a subset of these (what ``unetseg train`` and the benchmark's bf16/auto modes
   deconv     ``ConvTranspose2dSame``'s own backward on CPU (``model._TransposedConvSameCPU``) instead of
              oneDNN's strided deconvolution backward + the crop's backward
   dropout    ``model.Dropout`` (mask from ``torch.rand``) instead of ``nn.Dropout`` (``bernoulli_``)
+  wgrad8     (wgrad24) the transposed convs' weight gradient from oneDNN where their taps exceed 8 (24) MiB,
+             as ``model.wgrad_onednn_min_taps_bytes`` has it on AMX CPUs; without it, the taps GEMM everywhere
   convrelu   each conv + ReLU as one oneDNN primitive with autograd's own gradients (``runtime.fuse_conv_relu``,
              session 15) instead of a conv and a separate in-place ReLU
   lovasz     the loss plus ``losses.lovasz_softmax`` (``--set lovasz``: what a "+lovasz" loss costs; the
              random targets hold all 23 classes, real batches ~15-18)
 
-Usage: python benchmarks/train_step_ab.py [--set convrelu|deconv|session4|session4-total|session3|lovasz] [--rounds 7]
-       [--steps 4] [--threads 2] [--batch-size 32] [--size 96 128] [--loss ce|ce+dice]
+Usage: python benchmarks/train_step_ab.py [--set wgrad|convrelu|deconv|session4|session4-total|session3|lovasz]
+       [--rounds 7] [--steps 4] [--threads 2] [--batch-size 32] [--size 96 128] [--loss ce|ce+dice]
 (the default recipe's step: ``--batch-size 8 --size 128 160 --loss ce+dice``)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 import types
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import unetseg.model
 from unetseg.losses import cross_entropy, dice_loss, make_loss
 from unetseg.model import ConvTranspose2dSame, Dropout, build_model
 from unetseg.runtime import fuse_conv_relu, retain_freed_memory, set_threads
@@ -68,10 +72,17 @@ SETS = {
         "session5 step": {"ftz", "fused", "loss", "dropout", "deconv"},
         "+convrelu": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu"},
     },
+    # session 15: the transposed convs' weight gradient from the taps GEMM everywhere, then from oneDNN where
+    # the taps exceed 8 or 24 MiB (model.wgrad_onednn_min_taps_bytes; 8 MiB is the shipped choice on AMX CPUs)
+    "wgrad": {
+        "taps": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu"},
+        "onednn>8MiB": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8"},
+        "onednn>24MiB": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad24"},
+    },
     # the shipped step, then the same with the Lovász-softmax term added to its loss
     "lovasz": {
-        "shipped step": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu"},
-        "+lovasz": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "lovasz"},
+        "shipped step": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8"},
+        "+lovasz": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8", "lovasz"},
     },
 }
 
@@ -131,6 +142,8 @@ def main() -> None:
     for r in range(args.rounds + 2):  # two warm-up rounds: Adam's moments fill with real (tiny) values
         for name, items in settings.items():
             torch.set_flush_denormal("ftz" in items)
+            limit = 8 * 2**20 if "wgrad8" in items else 24 * 2**20 if "wgrad24" in items else math.inf
+            unetseg.model.wgrad_onednn_min_taps_bytes = lambda limit=limit: limit
             model, opt, loss_fn = runs[name]
             t = time.perf_counter()
             for _ in range(args.steps):

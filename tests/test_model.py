@@ -125,8 +125,16 @@ def _reference_transposed_conv(t: ConvTranspose2dSame, x: torch.Tensor) -> torch
     return nn.functional.conv_transpose2d(x, t.weight, t.bias, stride=2, output_padding=1)[..., : 2 * h, : 2 * w]
 
 
+@pytest.fixture(params=["taps", "onednn"])
+def wgrad(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the CPU backward computes the weight gradient (``model.wgrad_onednn_min_taps_bytes``)."""
+    limit = 0.0 if request.param == "onednn" else math.inf
+    monkeypatch.setattr(model_module, "wgrad_onednn_min_taps_bytes", lambda: limit)
+    return request.param
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_transposed_conv_cpu_backward_equals_autograd(channels_last: bool) -> None:
+def test_transposed_conv_cpu_backward_equals_autograd(channels_last: bool, wgrad: str) -> None:
     torch.manual_seed(0)
     t = ConvTranspose2dSame(6, 4).double()
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64)
@@ -147,7 +155,7 @@ def test_transposed_conv_cpu_backward_equals_autograd(channels_last: bool) -> No
     )
 
 
-def test_transposed_conv_cpu_backward_under_bf16_autocast() -> None:
+def test_transposed_conv_cpu_backward_under_bf16_autocast(wgrad: str) -> None:
     torch.manual_seed(0)
     t = ConvTranspose2dSame(32, 16)
     x = torch.randn(4, 32, 6, 8).contiguous(memory_format=torch.channels_last)

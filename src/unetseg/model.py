@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -113,6 +114,22 @@ def transposed_conv_weight_grad(x: torch.Tensor, padded: torch.Tensor) -> torch.
     return (x_rows.t() @ g).view(c_in, 3, 3, c_out).permute(0, 3, 1, 2).contiguous()
 
 
+@functools.cache
+def wgrad_onednn_min_taps_bytes() -> float:
+    """Above this many bytes of taps, ``_TransposedConvSameCPU`` takes its weight gradient from oneDNN.
+
+    On an AMX CPU oneDNN's backward-weights of the equivalent stride-2 conv beat the taps GEMM on the
+    upper two decoder layers (lab step: 6.4 -> 3.8 and 13.4 -> 4.5 ms; taps 27 and 54 MiB) and lose at the
+    bottleneck (3.8 vs 7.8 ms at 6.8 MiB): with 8 MiB, the lab step ran 1.03x and the default recipe's
+    1.02x faster (``experiments/transposed_wgrad.py``, ``benchmarks/train_step_ab.py --set wgrad``;
+    BENCHMARKS.md, session 15). On AVX512-BF16 CPUs without AMX the whole step did not gain (session 12),
+    so the taps GEMM stays there.
+    """
+    from .runtime import cpu_flags  # runtime imports this module
+
+    return 8 * 2**20 if "amx_bf16" in cpu_flags() else math.inf
+
+
 class _TransposedConvSameCPU(torch.autograd.Function):
     """``ConvTranspose2dSame``'s op with a faster backward for CPU training; forward and gradients unchanged.
 
@@ -143,7 +160,13 @@ class _TransposedConvSameCPU(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.conv2d(padded, weight, stride=2)
         if ctx.needs_input_grad[1]:
-            grad_w = transposed_conv_weight_grad(x, padded)
+            taps_bytes = x.shape[0] * x.shape[2] * x.shape[3] * 9 * padded.shape[1] * padded.element_size()
+            if taps_bytes > wgrad_onednn_min_taps_bytes():  # the stride-2 conv's weight gradient, in place
+                grad_w = torch.ops.aten.convolution_backward(
+                    x, padded, weight, None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+                )[1]
+            else:
+                grad_w = transposed_conv_weight_grad(x, padded)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b
