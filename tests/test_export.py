@@ -401,3 +401,16 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(
     assert sorted(f.name for f in out.glob("*.onnx")) == ["model.onnx"]
     one = evaluate(out, scenes, **kw)
     assert one["scales"] == [1.0] and json.loads((out / "model.json").read_text())["scale_files"] == {}
+
+
+def test_int8_export_on_an_amx_cpu_says_the_checkpoint_serves_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    import unetseg.export as export
+
+    monkeypatch.setattr(export, "cpu_has_amx", lambda: True)
+    with pytest.warns(UserWarning, match="AMX.*predict with the checkpoint"), pytest.raises(UnetsegError):
+        export.export_checkpoint("missing.pt", "out", int8=True, data="data")
+    monkeypatch.setattr(export, "cpu_has_amx", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UnetsegError):
+            export.export_checkpoint("missing.pt", "out", int8=True, data="data")

@@ -61,7 +61,7 @@ from torch import nn
 from .cpuload import machine_is_busy
 from .errors import UnetsegError
 from .model import ConvTranspose2dSame
-from .runtime import int8_may_saturate
+from .runtime import cpu_has_amx, int8_may_saturate
 
 __all__ = [
     "ConvTransposeAsConvShuffle",
@@ -644,6 +644,14 @@ def export_checkpoint(
 
     if int8 and data is None:
         raise UnetsegError("int8 export needs --data DIR: training images to calibrate the int8 ranges on")
+    if int8 and cpu_has_amx():
+        warnings.warn(
+            "this CPU has AMX, where the checkpoint's own bf16 path outruns ONNX Runtime's int8 kernels (lab model, "
+            "batch 32: 297 against 175 images/s, BENCHMARKS.md session 15): to serve on such a CPU, predict with "
+            "the checkpoint; the int8 model pays on CPUs with VNNI but no AMX",
+            UserWarning,
+            stacklevel=2,
+        )
     state = load_checkpoint(checkpoint)
     pre = dict(state.get("preprocess") or {})
     if not pre.get("size"):

@@ -125,9 +125,9 @@ def wgrad_onednn_min_taps_bytes() -> float:
     BENCHMARKS.md, session 15). On AVX512-BF16 CPUs without AMX the whole step did not gain (session 12),
     so the taps GEMM stays there.
     """
-    from .runtime import cpu_flags  # runtime imports this module
+    from .runtime import cpu_has_amx  # runtime imports this module
 
-    return 8 * 2**20 if "amx_bf16" in cpu_flags() else math.inf
+    return 8 * 2**20 if cpu_has_amx() else math.inf
 
 
 class _TransposedConvSameCPU(torch.autograd.Function):

@@ -53,6 +53,13 @@ def cpu_has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
+def cpu_has_amx() -> bool:
+    """True where the CPU has AMX tile units for bf16 (Intel Xeon since Sapphire Rapids), which oneDNN's bf16
+    convs use: on such a 2-core host the bf16 matmul peak was 1.9-2.1 TFLOP/s and the lab model's bf16
+    inference outran ONNX Runtime's int8 kernels 1.7x (BENCHMARKS.md, session 15)."""
+    return "amx_bf16" in cpu_flags()
+
+
 def int8_may_saturate() -> bool:
     """True on an x86 CPU without VNNI: there ONNX Runtime multiplies u8 activations by s8 weights with AVX2's
     ``vpmaddubsw``, whose int16 pair sums saturate for signed 8-bit weights (unsigned weights, which it
