@@ -4,7 +4,8 @@ For each recipe the script runs the real trainer (``unetseg.train.train``) for a
 frames (or on generated scenes with ``--data ''``) and times, inside the loop, what each epoch spends:
 the training steps (``train_step``), the wait for the next batch (frames are cached as tensors at load,
 so a batch is only indexed, cropped and augmented), the rest of the loop (scheduler, weight average,
-bookkeeping), the checkpoint writes and ``history.csv`` + ``curves.png``. Between epochs it times the
+bookkeeping), the checkpoint writes and ``history.csv`` + ``curves.png`` (drawn when due: at most every
+``train.CURVES_EVERY_S``, and on the first and last epoch). Between epochs it times the
 same step alone on a batch of each shape the epoch used (plus the weight average where the recipe keeps
 one), with no data thread running: an epoch's *pure step time* is its steps at those lone times, and
 the ratio of the epoch's wall time to it is the figure the issue bounds (≤ 1.05).
@@ -40,7 +41,7 @@ trainer = importlib.import_module("unetseg.train")  # the module: the package's 
 class _Clock:
     """Wraps the trainer's module-level functions to time them in place during one ``train()`` call.
 
-    Between epochs (after ``curves.png`` is written) it also times ``repeats`` lone steps on the first
+    Between epochs (after ``history.csv`` is written) it also times ``repeats`` lone steps on the first
     batch of each shape it has seen, so that the pure step times interleave with the epochs they are
     compared with (machine noise hits both alike); that time is outside every epoch's wall time.
     """
@@ -48,10 +49,10 @@ class _Clock:
     def __init__(self, repeats: int, data_thread: bool | None) -> None:
         self.repeats, self.data_thread = repeats, data_thread
         self.starts: list[float] = []  # per epoch: loop start
-        self.ends: list[float] = []  # per epoch: after curves.png
+        self.ends: list[float] = []  # per epoch: after history.csv (and curves.png when due)
         self.steps: list[list[float]] = []  # per epoch: the duration of each train_step
         self.save: list[list[float]] = []
-        self.write: list[float] = []  # history.csv + curves.png, per epoch
+        self.write: list[float] = []  # history.csv (+ curves.png when due), per epoch
         self.validate: list[float] = []
         self.shapes: dict[tuple, tuple] = {}  # batch shape -> the arguments of the first step of that shape
         self.pure: dict[tuple, list[float]] = {}  # batch shape -> lone step times
@@ -76,7 +77,7 @@ class _Clock:
                 times.append(time.perf_counter() - t)
 
     def install(self) -> None:
-        for name in ("train_step", "validate", "save_checkpoint", "_write_history", "_plot", "_tensorboard", "_fit",
+        for name in ("train_step", "validate", "save_checkpoint", "_write_history", "_tensorboard", "_fit",
                      "data_thread_pays"):
             self._orig[name] = getattr(trainer, name)
         o = self._orig
@@ -112,14 +113,11 @@ class _Clock:
             self.save[-1].append(time.perf_counter() - t)
             return out
 
-        def write_history(*args, **kwargs):
-            self._write_started = time.perf_counter()
-            return o["_write_history"](*args, **kwargs)
-
-        def plot(*args, **kwargs):
-            out = o["_plot"](*args, **kwargs)
+        def write_history(*args, **kwargs):  # history.csv and, when due, curves.png: each epoch's last work
+            started = time.perf_counter()
+            out = o["_write_history"](*args, **kwargs)
             now = time.perf_counter()
-            self.write.append(now - self._write_started)
+            self.write.append(now - started)
             self.ends.append(now)
             self._time_lone_steps()
             self._epoch_starts()
@@ -127,7 +125,7 @@ class _Clock:
 
         trainer.train_step, trainer.validate, trainer.save_checkpoint = train_step, validate, save_checkpoint
         trainer._fit, trainer.data_thread_pays = fit, data_thread_pays
-        trainer._write_history, trainer._plot, trainer._tensorboard = write_history, plot, tensorboard
+        trainer._write_history, trainer._tensorboard = write_history, tensorboard
 
     def uninstall(self) -> None:
         for name, fn in self._orig.items():

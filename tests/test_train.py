@@ -294,6 +294,26 @@ def test_refuses_to_overwrite_a_run(scenes: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_curves_are_drawn_first_last_and_at_most_every_interval(scenes: Path, tmp_path: Path, monkeypatch) -> None:
+    t = sys.modules["unetseg.train"]
+    drawn, draw = [], t._plot
+
+    def counting_plot(run_dir: Path, history: list) -> None:
+        drawn.append(len(history))
+        draw(run_dir, history)
+
+    monkeypatch.setattr(t, "_plot", counting_plot)
+    monkeypatch.setattr(t, "CURVES_EVERY_S", 1e9)
+    out = tmp_path / "run"
+    train(**{**TINY_TRAIN, "data": str(scenes), "out": str(out), "epochs": 4})
+    assert drawn == [1, 4] and (out / "curves.png").is_file()  # the first epoch, then the last
+    drawn.clear()
+    monkeypatch.setattr(t, "CURVES_EVERY_S", 0.0)
+    resume(out, epochs=6)
+    assert drawn == [5, 6]  # every epoch once the interval has passed
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(scenes: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "run"
     train(**{**TINY_TRAIN, "data": str(scenes), "out": str(out), "epochs": 1})

@@ -428,13 +428,16 @@ def _environment(run: _Run) -> dict[str, Any]:
     return env
 
 
-def _write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+def _write_history(run_dir: Path, history: list[dict[str, Any]], curves: bool = True) -> None:
+    """``history.csv`` from ``history``, and ``curves.png`` too when ``curves``."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write_text(run_dir / "history.csv", buf.getvalue())
+    if curves:
+        _plot(run_dir, history)
 
 
 def _checkpoint_state(run: _Run, epoch: int, best: float, history: list, for_resume: bool) -> dict[str, Any]:
@@ -466,11 +469,17 @@ def _checkpoint_state(run: _Run, epoch: int, best: float, history: list, for_res
 # --------------------------------------------------------------------------------------------- the loop
 
 
+# curves.png is redrawn at most this often (wall seconds), and after the last epoch of a run, however it
+# stops: drawing it took 0.18 s, 2.6 % of a lab-recipe epoch on an AMX host (BENCHMARKS.md, session 15).
+# history.csv, a few hundred bytes, is still written every epoch.
+CURVES_EVERY_S = 30.0
+
+
 def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float) -> dict[str, Any]:
     cfg, model = run.cfg, run.model
     n_classes = len(run.classes)
     tb = _tensorboard(run.run_dir)
-    started = time.perf_counter()
+    started = plotted_at = time.perf_counter()
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs + 1):
         model.train()
@@ -492,6 +501,8 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
                                         cfg.grad_clip)
             if not torch.isfinite(loss):
                 bar.close()
+                if history:
+                    _plot(run.run_dir, history)  # the curves of every completed epoch
                 raise UnetsegError(
                     f"loss became {loss.item()} at epoch {epoch}, step {step + 1}: training stopped. "
                     f"{run.run_dir / 'last.pt'} still holds epoch {epoch - 1}; try a lower --lr or --precision fp32"
@@ -528,8 +539,12 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
         save_checkpoint(_checkpoint_state(run, epoch, best, history, for_resume=True), run.run_dir / "last.pt")
         if improved:
             save_checkpoint(_checkpoint_state(run, epoch, best, history, for_resume=False), run.run_dir / "best.pt")
-        _write_history(run.run_dir, history)
-        _plot(run.run_dir, history)
+        stopped_early = cfg.time_budget is not None and time.perf_counter() - started > 60 * cfg.time_budget
+        curves = (epoch in (start_epoch, cfg.epochs) or stopped_early
+                  or time.perf_counter() - plotted_at >= CURVES_EVERY_S)
+        _write_history(run.run_dir, history, curves)
+        if curves:
+            plotted_at = time.perf_counter()
         if tb is not None:
             for k, v in row.items():
                 if k != "epoch":
@@ -540,9 +555,8 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
             f"  {seconds:.1f}s ({row['images_per_s']:.1f} img/s, data wait {data_wait:.2f}s)",
             flush=True,
         )
-        if cfg.time_budget is not None and time.perf_counter() - started > 60 * cfg.time_budget:
+        if stopped_early:
             print(f"time budget of {cfg.time_budget} min reached after epoch {epoch}; stopping", flush=True)
-            stopped_early = True
             break
     if tb is not None:
         tb.close()
