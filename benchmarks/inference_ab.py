@@ -10,7 +10,9 @@
 Each round runs every path once after an untimed pause (so no thread pool is still spinning); prints
 the median img/s of each, its ratio to the first, and checks that fused and unfused give the same logits.
 
-Usage: python benchmarks/inference_ab.py [--rounds 15] [--threads 2] [--compiled]
+With ``--profile`` it prints torch's profiler table of the fused path over 5 batches instead.
+
+Usage: python benchmarks/inference_ab.py [--rounds 15] [--threads 2] [--compiled] [--profile]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compiled", action="store_true", help="also time the compiled path")
+    ap.add_argument("--profile", action="store_true", help="profile the fused path instead of timing")
     args = ap.parse_args()
     set_threads(args.threads)
     retain_freed_memory()
@@ -52,6 +55,16 @@ def main() -> None:
         "fused": InferenceModel(model, "bf16", cpu),
         "shuffle": InferenceModel(rewrite_transposed_convs(model), "bf16", cpu),
     }
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for _ in range(3):
+            paths["fused"](x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                paths["fused"](x)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        return
     if args.compiled:
         paths["compiled"] = InferenceModel(model, "bf16", cpu, compiled=True, batch_size=32)
     assert torch.equal(paths["fused"](x), paths["unfused"](x)), "fused and unfused logits differ"
