@@ -1,7 +1,7 @@
 """int8 on a CPU with AMX: ONNX Runtime's weight layouts against the bf16 path, and oneDNN's own int8 conv.
 
 On an AMX CPU oneDNN runs bf16 convs on the tile units, and ONNX Runtime's int8 model (what ``unetseg
-export --int8`` writes) ran at 0.58x the toolkit's bf16 path (BENCHMARKS.md, session 15). This times,
+export --int8`` writes) ran at 0.59x the toolkit's bf16 path (BENCHMARKS.md, session 15). This times,
 round-robin in one process (medians, 2 threads):
 
 * the lab model (random weights, batch 32, 96x128) through ONNX Runtime in fp32 and int8 with three

@@ -122,8 +122,8 @@ def wgrad_onednn_min_taps_bytes() -> float:
     upper two decoder layers (lab step: 6.4 -> 3.8 and 13.4 -> 4.5 ms; taps 27 and 54 MiB) and lose at the
     bottleneck (3.8 vs 7.8 ms at 6.8 MiB): with 8 MiB, the lab step ran 1.03x and the default recipe's
     1.02x faster (``experiments/transposed_wgrad.py``, ``benchmarks/train_step_ab.py --set wgrad``;
-    BENCHMARKS.md, session 15). On AVX512-BF16 CPUs without AMX the whole step did not gain (session 12),
-    so the taps GEMM stays there.
+    BENCHMARKS.md, session 15). On an AVX512-BF16 CPU without AMX, oneDNN for the largest layer alone did not
+    speed up the whole step (session 12), so the taps GEMM stays there.
     """
     from .runtime import cpu_has_amx  # runtime imports this module
 

@@ -470,7 +470,7 @@ def _checkpoint_state(run: _Run, epoch: int, best: float, history: list, for_res
 
 
 # curves.png is redrawn at most this often (wall seconds), and after the last epoch of a run, however it
-# stops: drawing it took 0.18 s, 2.6 % of a lab-recipe epoch on an AMX host (BENCHMARKS.md, session 15).
+# stops: with history.csv it took 0.18 s, 2.4 % of a lab-recipe epoch on an AMX host (BENCHMARKS.md, session 15).
 # history.csv, a few hundred bytes, is still written every epoch.
 CURVES_EVERY_S = 30.0
 
