@@ -2,9 +2,10 @@
 
 For a checkpoint and its dataset it scores, on the run's validation frames (``split.json`` beside the
 checkpoint, else the last 20 %): fp32 eager (the reference), the bf16 ``InferenceModel`` that
-predict/evaluate use, ONNX Runtime fp32, and ONNX Runtime int8 (static QDQ, calibrated on training
-frames). It prints mIoU, pixel accuracy and argmax agreement with fp32 for each, and the int8 mIoU loss
-in points.
+predict/evaluate use, ONNX Runtime fp32, ONNX Runtime int8 (static QDQ, calibrated on training
+frames) and, on x86 CPUs with VNNI, int8 through oneDNN (``int8.quantize_model``, as ``unetseg export
+--int8`` writes ``model.int8.pt``). It prints mIoU, pixel accuracy and argmax agreement with fp32 for each,
+and the int8 mIoU losses in points.
 
 Example:
     python benchmarks/int8_quality.py --checkpoint runs/lab/best.pt --data ../shared/data/carla \\
@@ -28,6 +29,7 @@ from unetseg.checkpoint import load_checkpoint
 from unetseg.data import load_dataset
 from unetseg.equalize import equalize_activations
 from unetseg.export import OnnxPredictor, export_onnx, quantize_int8
+from unetseg.int8 import onednn_int8_available, quantize_model
 from unetseg.metrics import confusion_matrix, mean_iou, pixel_accuracy
 from unetseg.model import model_from_checkpoint
 from unetseg.runtime import InferenceModel, prepare_model_for_inference, set_threads
@@ -138,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         pred, t = run(OnnxPredictor(q, threads=args.threads))
         results["onnx_int8"] = {**_score(pred, masks, ref, n_classes), "seconds": t}
     results["int8_miou_loss_points"] = results["fp32_eager"]["miou"] - results["onnx_int8"]["miou"]
+    if onednn_int8_available():
+        # int8 through oneDNN, as `unetseg export --int8` writes it (model.int8.pt): equalized, MinMax ranges
+        t0 = time.perf_counter()
+        q8 = quantize_model(model, calib)
+        results["onednn_quantize_seconds"] = time.perf_counter() - t0
+        pred, t = run(q8)
+        results["onednn_int8"] = {**_score(pred, masks, ref, n_classes), "seconds": t}
+        results["onednn_int8_miou_loss_points"] = results["fp32_eager"]["miou"] - results["onednn_int8"]["miou"]
 
     print(f"checkpoint {ckpt_path} (epoch {results['epoch']}), {len(images)} validation frames, "
           f"int8 calibrated on {len(calib)} training frames ({args.method})")
@@ -145,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, r in results.items():
         if isinstance(r, dict) and "miou" in r:
             print(f"{key:<24}{r['miou']:>9.2f}{r['pixel_accuracy']:>13.2f}{r['agreement_with_fp32']:>17.3f}")
-    print(f"int8 mIoU loss: {results['int8_miou_loss_points']:.2f} points")
+    print(f"int8 mIoU loss: {results['int8_miou_loss_points']:.2f} points (ONNX Runtime)"
+          + (f", {results['onednn_int8_miou_loss_points']:.2f} points (oneDNN)" if "onednn_int8" in results else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

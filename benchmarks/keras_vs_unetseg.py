@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--keras-python", default=os.environ.get("UNETSEG_KERAS_PYTHON", sys.executable),
                    help="a Python with TensorFlow (default $UNETSEG_KERAS_PYTHON or this one)")
-    p.add_argument("--modes", default="fp32,bf16,bf16_compile,onnx_fp32,onnx_int8,auto",
+    p.add_argument("--modes", default="fp32,bf16,bf16_compile,onnx_fp32,onnx_int8,onednn_int8,auto",
                    help="unetseg modes to time beside Keras (see unetseg benchmark --help)")
     p.add_argument("--keras", default="fp32,mixed_bfloat16", help="Keras policies: fp32, mixed_bfloat16")
     p.add_argument("--parts", default="train,infer,latency")

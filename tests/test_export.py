@@ -308,7 +308,7 @@ def test_percentile_calibration_runs_batch_by_batch_and_clips_the_tails(tiny_onn
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["lab", "paper"])
 def test_export_command_writes_models_that_evaluate_and_predict_run(
-    scenes: Path, tmp_path: Path, arch: str, capsys: pytest.CaptureFixture[str]
+    scenes: Path, tmp_path: Path, arch: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("onnxruntime")
     from conftest import TINY_TRAIN
@@ -331,7 +331,11 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--int8", "--data", str(scenes),
                  "--calibration", "8"]) == 0
     info = json.loads((out / "model.json").read_text())
-    assert info["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    from unetseg.int8 import onednn_int8_available
+
+    onednn = onednn_int8_available()  # x86 with VNNI: the export also writes the oneDNN int8 model
+    assert info["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"} | (
+        {"int8_onednn": "model.int8.pt"} if onednn else {})
     # Each graph has one input size: the checkpoint's 0.5x scale gets graphs of its own, at half the size.
     assert state["preprocess"]["predict_scales"] == [0.5, 1.0]
     assert info["predict_scales"] == [0.5, 1.0] and info["checkpoint_predict_scales"] == [0.5, 1.0]
@@ -364,7 +368,11 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(
     torch.testing.assert_close(OnnxPredictor(out / "model.onnx", threads=1)(x), ref, atol=1e-4, rtol=1e-4)
 
     # evaluate and predict take the export in place of the checkpoint: the fp32 file scores as the checkpoint
-    # does in fp32, at both scales by default or at the one asked for; the folder runs the int8 models.
+    # does in fp32, at both scales by default or at the one asked for; the folder runs the int8 models
+    # (ONNX Runtime's here: the oneDNN model is checked below).
+    import unetseg.export as export
+
+    monkeypatch.setattr(export, "prefer_onednn_int8", lambda: False)
     kw = dict(split="val", progress=False, threads=1)
     for scales in (None, [1.0], [0.5]):
         from_ckpt = evaluate(ckpt, scenes, precision="fp32", scales=scales, **kw)
@@ -385,6 +393,24 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(
     with pytest.raises(UnetsegError, match="one scale's graph of a multi-scale export"):
         evaluate(out / "model.int8.x0.5.onnx", scenes, **kw)
 
+    if onednn:
+        # One oneDNN int8 model serves both scales; the folder runs it on an AMX CPU, its file runs anywhere
+        # it can, and it scores close to the checkpoint's own fp32 path.
+        o = info["int8_onednn"]
+        assert o["calibration_frames"] == 8 and o["equalized"]
+        assert set(o["agreement_with_fp32_by_scale"]) == {"0.5", "1"}
+        assert 0.5 < o["agreement_with_fp32"] <= 1.0
+        monkeypatch.setattr(export, "prefer_onednn_int8", lambda: True)
+        from_onednn = evaluate(out, scenes, **kw)
+        assert from_onednn["precision"] == "int8 (oneDNN)" and from_onednn["scales"] == [0.5, 1.0]
+        ref = evaluate(ckpt, scenes, precision="fp32", **kw)
+        assert abs(from_onednn["pixel_accuracy"] - ref["pixel_accuracy"]) < 0.05
+        monkeypatch.setattr(export, "prefer_onednn_int8", lambda: False)
+        named = evaluate(out / "model.int8.pt", scenes, scales=[1.0], **kw)
+        assert named["precision"] == "int8 (oneDNN)" and named["scales"] == [1.0]
+        with pytest.raises(UnetsegError, match="is the export's int8 model"):
+            evaluate(out / "model.int8.pt", scenes, precision="fp32", **kw)
+
     # A failed export leaves what an earlier one wrote.
     before = (out / "model.onnx").read_bytes()
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--int8"]) == 2
@@ -396,21 +422,9 @@ def test_export_command_writes_models_that_evaluate_and_predict_run(
     # scale leaves no graph of the other.
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
     assert not (out / "model.int8.onnx").exists() and not (out / "model.int8.x0.5.onnx").exists()
+    assert not (out / "model.int8.pt").exists()
     assert evaluate(out, scenes, **kw)["precision"] == "fp32 (ONNX Runtime)"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--scales", "1"]) == 0
     assert sorted(f.name for f in out.glob("*.onnx")) == ["model.onnx"]
     one = evaluate(out, scenes, **kw)
     assert one["scales"] == [1.0] and json.loads((out / "model.json").read_text())["scale_files"] == {}
-
-
-def test_int8_export_on_an_amx_cpu_says_the_checkpoint_serves_faster(monkeypatch: pytest.MonkeyPatch) -> None:
-    import unetseg.export as export
-
-    monkeypatch.setattr(export, "cpu_has_amx", lambda: True)
-    with pytest.warns(UserWarning, match="AMX.*predict with the checkpoint"), pytest.raises(UnetsegError):
-        export.export_checkpoint("missing.pt", "out", int8=True, data="data")
-    monkeypatch.setattr(export, "cpu_has_amx", lambda: False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with pytest.raises(UnetsegError):
-            export.export_checkpoint("missing.pt", "out", int8=True, data="data")

@@ -17,6 +17,7 @@ Modes (``--modes`` takes a comma-separated subset; ``auto`` and ``fp32`` are alw
 ``bf16_compile``  ``torch.compile`` bf16 autocast channels_last; inference with frozen bf16 weights
 ``onnx_fp32``  ONNX Runtime fp32 (inference only)
 ``onnx_int8``  ONNX Runtime int8, static QDQ quantization, transposed convs rewritten (inference only)
+``onednn_int8``  int8 through oneDNN in PyTorch (``int8.Int8UNet``; x86 with VNNI/AMX; inference only)
 ``auto``       what the toolkit picks by itself: ``train.train_step`` on the model prepared as ``unetseg
                train`` prepares it, and ``runtime.prepare_model_for_inference`` as predict/evaluate do
 =============  =======================================================================================
@@ -92,7 +93,9 @@ __all__ = [
     "main_from_args",
 ]
 
-ALL_MODES = ("fp32", "fp32_cl", "bf16", "fp32_compile", "bf16_compile", "onnx_fp32", "onnx_int8", "auto")
+ALL_MODES = (
+    "fp32", "fp32_cl", "bf16", "fp32_compile", "bf16_compile", "onnx_fp32", "onnx_int8", "onednn_int8", "auto",
+)
 DEFAULT_MODES = ALL_MODES
 
 #: The lab's training run (40 epochs over the 1060 CARLA frames): the length the ``auto`` path's
@@ -447,6 +450,24 @@ def _onnx_subject(name: str, s: _Setup, workdir: Path, parts: set[str], threads:
     return subject
 
 
+def _onednn_int8_subject(s: _Setup, parts: set[str]) -> Subject:
+    from .int8 import quantize_model
+
+    if s.device.type != "cpu":
+        raise UnetsegError("the oneDNN int8 mode runs on the CPU only")
+    t = time.perf_counter()
+    # Calibrated on the benchmark's frames (equalized, as an export is); speed does not depend on them.
+    net = quantize_model(s.model, s.frames)
+    subject = Subject("onednn_int8", "int8 through oneDNN (u8 activations, per-channel s8 weights, fused requant)",
+                      "int8", info={"prepare_s": round(time.perf_counter() - t, 2), "inference": "int8.Int8UNet"})
+    batch, one = s.images.cpu(), s.one.cpu()
+    if "infer" in parts:
+        subject.infer = _timed(lambda: net(batch), s.device)
+    if "latency" in parts:
+        subject.latency = _timed(lambda: net(one), s.device)
+    return subject
+
+
 # ------------------------------------------------------------------------------------------------ runner
 def interleaved_medians(
     fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 0, settle_s: float = 0.0
@@ -586,6 +607,8 @@ def run_benchmark(
             try:
                 if name.startswith("onnx"):
                     subj = _onnx_subject(name, setup, Path(tmp), parts_set, n_threads)
+                elif name == "onednn_int8":
+                    subj = _onednn_int8_subject(setup, parts_set)
                 else:
                     subj = _torch_subject(name, setup, auto, parts_set)
             except (UnetsegError, ImportError, RuntimeError) as e:
@@ -689,7 +712,13 @@ def run_benchmark(
     for key in ("train_images_per_s", "infer_images_per_s", "latency_ms"):
         if key in a:
             result[key] = a[key]
-    q = table.get("onnx_int8", {})
+    # The int8 figures are those of the int8 model an export serves on this CPU (export.prefer_onednn_int8).
+    from .export import prefer_onednn_int8
+
+    int8_mode = "onednn_int8" if prefer_onednn_int8() and "onednn_int8" in table else "onnx_int8"
+    q = table.get(int8_mode, {})
+    if q:
+        result["int8_mode"] = int8_mode
     if "infer_images_per_s" in q:
         result["infer_int8_images_per_s"] = q["infer_images_per_s"]
     if "latency_ms" in q:
@@ -752,6 +781,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"inference images)",
         f"%peak: of the matmul peak in the mode's precision (int8 against {int8_ref}).",
     ]
+    if result.get("int8_mode"):
+        lines.append(f"int8 figures (infer_int8_images_per_s, latency_int8_ms): {result['int8_mode']}, the int8 "
+                     "model an export serves on this CPU")
     return "\n".join(lines)
 
 

@@ -136,6 +136,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{a:.2%} at {k}x" for k, a in by_scale.items()) if len(by_scale) > 1 else \
             f"{q['agreement_with_fp32']:.2%}"
         print(f"int8: classes agree with fp32 on {shown} of the pixels of {q['agreement_frames']} {q['agreement_on']}")
+    if "int8_onednn" in info:
+        from .export import prefer_onednn_int8
+
+        by_scale = info["int8_onednn"]["agreement_with_fp32_by_scale"]
+        shown = ", ".join(f"{a:.2%} at {k}x" for k, a in by_scale.items())
+        print(f"int8 through oneDNN ({info['files']['int8_onednn']}, all scales): classes agree with fp32 on {shown}; "
+              + ("the folder runs it on this CPU (AMX)" if prefer_onednn_int8() else
+                 "the folder runs the ONNX int8 model on this CPU (no AMX); pass the file to run it"))
     return 0
 
 
@@ -261,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a checkpoint as ONNX models (fp32; int8 with --int8) to serve")
     x.add_argument("--checkpoint", required=True)
-    x.add_argument("--out", required=True, help="folder for model.onnx, model.int8.onnx and model.json")
+    x.add_argument("--out", required=True, help="folder for model.onnx, model.int8.onnx, model.int8.pt and model.json")
     x.add_argument("--int8", action="store_true", help="also write an int8 model (needs --data to calibrate on)")
     x.add_argument("--data", help="the training data folder: int8 ranges are calibrated on its frames that the "
                    "run did not validate on")
@@ -284,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", nargs=2, type=int, default=(96, 128), metavar=("H", "W"))
     b.add_argument("--repeats", type=int, help="timed rounds (default 7; 2 with --quick)")
     b.add_argument("--modes", help="comma-separated subset of: fp32,fp32_cl,bf16,fp32_compile,bf16_compile,"
-                   "onnx_fp32,onnx_int8,auto (default: all)")
+                   "onnx_fp32,onnx_int8,onednn_int8,auto (default: all)")
     b.add_argument("--parts", default="train,infer,latency", help="what to time: train,infer,latency")
     b.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="for the auto mode")
     b.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="for the auto mode")

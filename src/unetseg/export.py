@@ -20,8 +20,10 @@ Images go in as float32 ``(N, 3, H, W)`` scaled to ``[0, 1]`` (uint8 / 255, as t
 * ``export_checkpoint(checkpoint, out_dir, int8=True, data=DIR)`` (``unetseg export``) does all of it for a
   checkpoint: ``model.onnx``, the equalized and calibrated ``model.int8.onnx``, the same pair for each of
   the checkpoint's prediction scales but 1 (``model.x0.6.onnx``, ``model.int8.x0.6.onnx``: a graph has one
-  input size) and ``model.json`` (input, scales, classes, int8 agreement with fp32);
-  ``load_exported(out_dir)`` reads them back for predict/evaluate.
+  input size), on x86 CPUs with VNNI also ``model.int8.pt`` (int8 through oneDNN, ``unetseg.int8``: one file
+  for every scale) and ``model.json`` (input, scales, classes, int8 agreement with fp32);
+  ``load_exported(out_dir)`` reads them back for predict/evaluate, running ``model.int8.pt`` where
+  ``prefer_onednn_int8()`` (AMX CPUs) and ``model.int8.onnx`` elsewhere.
 
 ONNX Runtime is an optional extra (``pip install unetseg[onnx]``); it is imported only when used.
 
@@ -60,6 +62,7 @@ from torch import nn
 
 from .cpuload import machine_is_busy
 from .errors import UnetsegError
+from .int8 import onednn_int8_available
 from .model import ConvTranspose2dSame
 from .runtime import cpu_has_amx, int8_may_saturate
 
@@ -609,6 +612,52 @@ class FullFrame(nn.Module):
         return forward_full(self.model, images)
 
 
+#: The oneDNN int8 model of an export (``int8.save_int8``): one file for every prediction scale.
+ONEDNN_INT8_FILE = "model.int8.pt"
+
+
+def prefer_onednn_int8() -> bool:
+    """Whether an export's int8 model runs through oneDNN (``model.int8.pt``) rather than ONNX Runtime here:
+    on CPUs with AMX, where oneDNN's int8 convs use the tile units. There the lab model ran 596-606 images/s
+    through oneDNN against 175 through ONNX Runtime (BENCHMARKS.md, session 16); on VNNI CPUs without AMX
+    ONNX Runtime's int8 was the measured one (1.56x Keras bf16, session 12), so it stays the choice there.
+    Pass the file itself to ``predict``/``evaluate`` to run the other."""
+    return onednn_int8_available() and cpu_has_amx()
+
+
+def _onednn_int8(
+    model: nn.Module, equalized: nn.Module, chosen: list[Any], check_pairs: list[Any], check_on: str,
+    graphs: dict[float, tuple[dict[str, str], tuple[int, int]]], size: tuple[int, int], resize_mode: str,
+    path: Path,
+) -> tuple[Path, dict[str, Any]]:
+    """The oneDNN int8 model of an export, calibrated on ``chosen`` at every exported scale (one model serves
+    them all, so its ranges cover them all), written to ``path``; and what ``model.json`` says of it."""
+    from .int8 import Int8UNet, calibrate_ranges, save_int8
+    from .model import forward_full
+
+    ranges: dict[str, list[float]] = {}
+    for _, hw in graphs.values():
+        for name, (lo, hi) in calibrate_ranges(equalized, _frames(chosen, hw, resize_mode)).items():
+            old = ranges.get(name, [lo, hi])
+            ranges[name] = [min(lo, old[0]), max(hi, old[1])]
+    q = Int8UNet(equalized, ranges)
+    agreements = {}
+    with torch.inference_mode():
+        for v, (_, hw) in graphs.items():
+            check = _frames(check_pairs, hw, resize_mode).float() / 255
+            ref, got = forward_full(model, check).argmax(1), forward_full(q, check).argmax(1)
+            agreements[f"{v:g}"] = (ref == got).double().mean().item()
+            _warn_if_astray(path.name, agreements[f"{v:g}"], f"{len(check_pairs)} {check_on} frames")
+    save_int8(q, path)
+    return path, {
+        "runtime": "oneDNN through PyTorch (x86 CPUs with VNNI or AMX); chosen over ONNX Runtime on AMX CPUs",
+        "calibration_frames": len(chosen), "method": "minmax", "equalized": True,
+        "agreement_with_fp32": round(agreements["1"], 6), "agreement_frames": len(check_pairs),
+        "agreement_on": f"{check_on} frames",
+        "agreement_with_fp32_by_scale": {k: round(a, 6) for k, a in agreements.items()},
+    }
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -629,7 +678,9 @@ def export_checkpoint(
     checkpoint's ``predict_scales``, [0.6, 1.0] for the default recipe) gets graphs of its own,
     ``model.x0.6.onnx`` and ``model.int8.x0.6.onnx`` (int8 calibrated on the same frames at that size):
     ``predict`` and ``evaluate`` on the export then average the scales as the checkpoint does.
-    ``OUT/model.json`` records the input (name, NCHW float32, uint8 / 255, size), the output, the classes,
+    With ``int8`` on an x86 CPU with VNNI (``int8.onednn_int8_available``), ``OUT/model.int8.pt`` is the same
+    equalized model for oneDNN's int8 kernels (``int8.Int8UNet``), its ranges calibrated on the same frames
+    at every scale. ``OUT/model.json`` records the input (name, NCHW float32, uint8 / 255, size), the output, the classes,
     the scales and their files, and, for int8, the calibration and the share of pixels whose class matches
     the fp32 model's on up to 16 of the run's validation frames found in ``data`` (else on calibration
     frames), per scale. Every file is written to a temporary name and renamed, so a failed export leaves
@@ -644,14 +695,6 @@ def export_checkpoint(
 
     if int8 and data is None:
         raise UnetsegError("int8 export needs --data DIR: training images to calibrate the int8 ranges on")
-    if int8 and cpu_has_amx():
-        warnings.warn(
-            "this CPU has AMX, where the checkpoint's own bf16 path outruns ONNX Runtime's int8 kernels (lab model, "
-            "batch 32: 297 against 175 images/s, BENCHMARKS.md session 15): to serve on such a CPU, predict with "
-            "the checkpoint; the int8 model pays on CPUs with VNNI but no AMX",
-            UserWarning,
-            stacklevel=2,
-        )
     state = load_checkpoint(checkpoint)
     pre = dict(state.get("preprocess") or {})
     if not pre.get("size"):
@@ -712,11 +755,18 @@ def export_checkpoint(
                 # uint8 where made on an x86 CPU without VNNI; an int8-weight model is not run int8 on such a CPU
                 "weights": int8_weights(staged[info["files"]["int8"]]),
             }
+            if onednn_int8_available():
+                staged[ONEDNN_INT8_FILE], info["int8_onednn"] = _onednn_int8(
+                    model, equalized_model, chosen, check_pairs, check_on, graphs, size, resize_mode,
+                    Path(tmp) / ONEDNN_INT8_FILE,
+                )
+                info["files"]["int8_onednn"] = ONEDNN_INT8_FILE
         for name, path in staged.items():
             os.replace(path, out / name)
     # Model files of an earlier export that this one did not write (an int8 model after an fp32-only export,
     # graphs of other scales) no longer match model.onnx: remove them so nothing picks them up.
-    for stale in [*out.glob("model.int8.onnx"), *out.glob("model.x*.onnx"), *out.glob("model.int8.x*.onnx")]:
+    for stale in [*out.glob("model.int8.onnx"), *out.glob("model.x*.onnx"), *out.glob("model.int8.x*.onnx"),
+                  *out.glob(ONEDNN_INT8_FILE)]:
         if stale.name not in staged:
             stale.unlink(missing_ok=True)
     atomic_write_text(out / "model.json", json.dumps(info, indent=2) + "\n")
@@ -725,12 +775,14 @@ def export_checkpoint(
 
 def load_exported(path: str | os.PathLike) -> dict[str, Any]:
     """What ``predict``/``evaluate`` need to run an export of ``export_checkpoint``: ``path`` is its folder
-    (which runs the int8 model where there is one) or its ``model.onnx`` / ``model.int8.onnx``. Returns a dict
-    shaped like a checkpoint's (``classes``, ``preprocess`` with the export's ``predict_scales``,
-    ``model_config``, ``val_names``) plus ``onnx`` (the 1x model file), ``onnx_scales`` (scale -> model file
-    of that precision) and ``precision`` (``int8`` or ``fp32``)."""
+    (which runs the int8 model where there is one: ``model.int8.pt`` through oneDNN where
+    ``prefer_onednn_int8()``, else ``model.int8.onnx``) or one of its model files (``model.onnx``,
+    ``model.int8.onnx``, ``model.int8.pt``). Returns a dict shaped like a checkpoint's (``classes``,
+    ``preprocess`` with the export's ``predict_scales``, ``model_config``, ``val_names``) plus ``onnx`` (the 1x
+    ONNX file), ``onnx_scales`` (scale -> ONNX file of that precision; empty when the oneDNN model runs),
+    ``int8_onednn`` (the oneDNN int8 file, when it runs) and ``precision`` (``int8`` or ``fp32``)."""
     p = Path(path)
-    folder = p.parent if p.suffix == ".onnx" else p
+    folder = p.parent if p.suffix in (".onnx", ".pt") else p
     meta = folder / "model.json"
     if not meta.is_file():
         raise UnetsegError(f"{path}: not an export of `unetseg export` (no model.json beside it)")
@@ -741,6 +793,9 @@ def load_exported(path: str | os.PathLike) -> dict[str, Any]:
         if p.suffix == ".onnx" and any(p.name in v.values() for v in scale_files.values()):
             raise UnetsegError(f"{path}: one scale's graph of a multi-scale export; pass its folder {folder}, "
                                f"{folder / files['fp32']} or {folder / files.get('int8', files['fp32'])}")
+        onednn_file = folder / files["int8_onednn"] if "int8_onednn" in files else None
+        if p.suffix == ".pt" and (onednn_file is None or p.name != onednn_file.name):
+            raise UnetsegError(f"{path}: model.json beside it lists no such int8 model; pass the export's folder")
         if p.suffix == ".onnx":
             onnx_file, precision = p, ("int8" if p.name == files.get("int8") else "fp32")
         else:
@@ -764,6 +819,11 @@ def load_exported(path: str | os.PathLike) -> dict[str, Any]:
         # Scales whose graphs exist in this precision; exports before multi-scale ones have only 1x.
         onnx_scales = {1.0: onnx_file} | {v: folder / f[precision] for v, f in scale_files.items() if precision in f}
         predict_scales = [float(v) for v in info.get("predict_scales") or [1.0] if float(v) in onnx_scales]
+        # The oneDNN int8 model where it is the faster int8 path here (prefer_onednn_int8), or when named.
+        if onednn_file is not None and (p.suffix == ".pt" or (p.suffix != ".onnx" and precision == "int8"
+                                                               and prefer_onednn_int8())):
+            precision, onnx_scales = "int8", {}
+            predict_scales = [float(v) for v in info.get("predict_scales") or [1.0]]
         state = {
             "onnx": onnx_file, "onnx_scales": onnx_scales, "precision": precision, "classes": info["classes"],
             "model_config": info["model_config"], "val_names": info.get("val_names", []),
@@ -773,6 +833,10 @@ def load_exported(path: str | os.PathLike) -> dict[str, Any]:
         }
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UnetsegError(f"{meta}: not a model.json written by `unetseg export` ({type(e).__name__}: {e})") from None
+    if not onnx_scales:
+        if not onednn_file.is_file():
+            raise UnetsegError(f"{onednn_file}: no such int8 model (model.json lists it; export again)")
+        state["int8_onednn"] = onednn_file
     for f in onnx_scales.values():
         if not f.is_file():
             raise UnetsegError(f"{f}: no such ONNX model (model.json lists it; export again)")

@@ -37,10 +37,13 @@ from .runtime import pick_device, prepare_model_for_inference, set_threads
 
 
 def load_model_file(path: str | Path) -> dict[str, Any]:
-    """A checkpoint (``.pt`` file or run folder) or an export of ``unetseg export`` (its folder or an
-    ``.onnx`` file in it), as the dict that ``Predictor`` takes."""
+    """A checkpoint (``.pt`` file or run folder) or an export of ``unetseg export`` (its folder, an ``.onnx``
+    file in it or its oneDNN ``model.int8.pt``), as the dict that ``Predictor`` takes."""
+    from .export import ONEDNN_INT8_FILE
+
     p = Path(path)
-    if p.suffix == ".onnx" or (p.is_dir() and (p / "model.json").is_file()):
+    export_pt = p.name == ONEDNN_INT8_FILE and (p.parent / "model.json").is_file()
+    if p.suffix == ".onnx" or export_pt or (p.is_dir() and (p / "model.json").is_file()):
         from .export import load_exported
 
         return load_exported(p)
@@ -68,7 +71,19 @@ class Predictor:
         self.device = pick_device("cpu" if device == "auto" and "onnx" in state else device)
         size = self.preprocess.get("size")
         self._forward: Any  # float32 images (N, 3, H, W) in [0, 1] -> float32 logits (N, C, H, W)
-        if "onnx" in state:  # an export: ONNX Runtime on the CPU, at the exported precision and size
+        if "int8_onednn" in state:  # an export's oneDNN int8 model: one model for every scale
+            from .int8 import load_int8
+
+            if precision not in ("auto", "int8"):
+                raise UnetsegError(f"{state['int8_onednn']} is the export's int8 model: --precision {precision} "
+                                   "needs the checkpoint (or the export's model.onnx)")
+            if self.device.type != "cpu":
+                raise UnetsegError(f"{state['int8_onednn']}: int8 through oneDNN runs on the CPU; use the "
+                                   f"checkpoint on {self.device.type}")
+            self.model = load_int8(state["int8_onednn"])
+            self._forward = lambda x: forward_full(self.model, x)
+            self.precision = "int8 (oneDNN)"
+        elif "onnx" in state:  # an export: ONNX Runtime on the CPU, at the exported precision and size
             from .export import OnnxPredictor
 
             if precision not in ("auto", state["precision"]):
