@@ -157,7 +157,14 @@ def test_inference_model_fuses_conv_relu_with_identical_outputs(arch: str, preci
     fast = InferenceModel(net, precision, CPU)
     n_convs = sum(isinstance(m, nn.Conv2d) for m in net.modules())
     assert fast.fused_conv_relu == n_convs - 1  # every 3x3 conv; the 1x1 logits conv has no ReLU
+    assert fast.prepacked_weights == fast.fused_conv_relu  # their weights in oneDNN's layout, once
     assert torch.equal(fast(x), expected)
+    unpacked = InferenceModel(net, precision, CPU)
+    for m in unpacked.net.modules():
+        if hasattr(m, "packed_weight"):
+            m.packed_weight = None
+    for batch in (x, x[:1]):  # any batch: the packed weights do not fix the input shape, nor change a bit
+        assert torch.equal(fast(batch), unpacked(batch))
     assert sum(isinstance(m, nn.ReLU) for m in fast.net.modules()) == 0
     assert isinstance(net.encoder[0].convs[1], nn.ReLU)  # the source model is left as it was
 
