@@ -680,8 +680,8 @@ def export_checkpoint(
     ``predict`` and ``evaluate`` on the export then average the scales as the checkpoint does.
     With ``int8`` on an x86 CPU with VNNI (``int8.onednn_int8_available``), ``OUT/model.int8.pt`` is the same
     equalized model for oneDNN's int8 kernels (``int8.Int8UNet``), its ranges calibrated on the same frames
-    at every scale. ``OUT/model.json`` records the input (name, NCHW float32, uint8 / 255, size), the output, the classes,
-    the scales and their files, and, for int8, the calibration and the share of pixels whose class matches
+    at every scale. ``OUT/model.json`` records the input (name, NCHW float32, uint8 / 255, size), the output,
+    the classes, the scales and their files, and, for int8, the calibration and the share of pixels whose class matches
     the fp32 model's on up to 16 of the run's validation frames found in ``data`` (else on calibration
     frames), per scale. Every file is written to a temporary name and renamed, so a failed export leaves
     earlier files intact; a successful export removes the model files of an earlier one that it did not

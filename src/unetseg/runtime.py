@@ -347,10 +347,10 @@ def prepack_conv_relu_weights(net: torch.nn.Module) -> int:
     layout once, instead of a reorder on every call; returns how many (0 where this build cannot).
 
     The outputs are bit for bit the same (the same primitive runs). What goes is a weight reorder per conv per
-    call, which matters most for small batches: on the AMX host of session 16 one 96x128 image through the lab
-    model took 6.1-6.7 ms instead of 7.6-8.7, and a batch of 32 ran 1.02-1.03x faster
-    (BENCHMARKS.md). The packed copy does not follow later changes to ``weight``: only for models whose
-    weights no longer change (``InferenceModel``).
+    call, which matters for small batches: on the AMX host of session 16 one 96x128 image through the lab model
+    in bf16 took 6.3 ms instead of 8.0-8.2 (``python benchmarks/inference_ab.py --batch-size 1 --settle 0``),
+    a batch of 32 1.00-1.03x less time (BENCHMARKS.md, session 16). The packed copy does not follow later
+    changes to ``weight``: only for models whose weights no longer change (``InferenceModel``).
     """
     if not hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"):
         return 0
