@@ -85,12 +85,31 @@ def test_each_concatenation_reads_one_range() -> None:
     assert set(ranges) == {"enc0.a", "enc0.b", "enc1.a", "enc1.b", "enc2.a", "enc2.b",
                            "dec0.up", "dec0.a", "dec0.b", "dec1.up", "dec1.a", "dec1.b", "tail0"}
     assert all(lo >= 0 for name, (lo, _) in ranges.items() if not name.endswith(".up"))  # ReLU outputs
-    q = Int8UNet(model, ranges)
+    used = Int8UNet(model, {(32, 48): ranges}).calibrations[(32, 48)]
     # cat([up, skip]) is one uint8 tensor: the deepest up output and the skip it meets share their range
-    assert q.ranges["dec0.up"] == q.ranges["enc1.b"] == [min(ranges["dec0.up"][0], ranges["enc1.b"][0]),
-                                                           max(ranges["dec0.up"][1], ranges["enc1.b"][1])]
+    assert used["dec0.up"] == used["enc1.b"] == [min(ranges["dec0.up"][0], ranges["enc1.b"][0]),
+                                                 max(ranges["dec0.up"][1], ranges["enc1.b"][1])]
     with pytest.raises(UnetsegError, match="int8 ranges lack dec1.b, tail0"):
-        Int8UNet(model, {k: v for k, v in ranges.items() if k not in ("dec1.b", "tail0")})
+        Int8UNet(model, {(32, 48): {k: v for k, v in ranges.items() if k not in ("dec1.b", "tail0")}})
+    with pytest.raises(UnetsegError, match="at least one calibration"):
+        Int8UNet(model, {})
+
+
+@needs_onednn
+def test_each_input_size_runs_with_the_ranges_measured_nearest_to_it(tmp_path: Path) -> None:
+    # Ranges measured at one scale fit that scale: a default-recipe checkpoint calibrated on 1x and 0.6x frames
+    # at once lost 0.94 mIoU point at 1x, 0.05 calibrated on 1x alone (BENCHMARKS.md, session 16).
+    model, frames = _model("lab")
+    half = nn.functional.interpolate(frames.float(), scale_factor=0.5, mode="nearest").to(torch.uint8)
+    q = quantize_model(model, [frames, half])
+    assert set(q.calibrations) == {(32, 48), (16, 24)}
+    assert q.calibrations[(32, 48)] != q.calibrations[(16, 24)]
+    assert q._net_for(16, 24) is q._nets[(16, 24)] and q._net_for(20, 28) is q._nets[(16, 24)]
+    assert q._net_for(32, 48) is q._nets[(32, 48)] and q._net_for(64, 96) is q._nets[(32, 48)]
+    back = load_int8(save_int8(q, tmp_path / "two.int8.pt"))
+    assert back.calibrations == q.calibrations
+    for x in (frames, half):
+        assert torch.equal(back(x), q(x))
 
 
 @needs_onednn
@@ -116,6 +135,7 @@ def test_int8_model_saves_and_loads_unchanged(tmp_path: Path) -> None:
     path = save_int8(q, tmp_path / "m.int8.pt", extra={"note": "x"})
     payload = torch.load(path, weights_only=True)  # plain tensors and numbers: safe to load
     assert payload["format"] == "unetseg-int8-onednn-1" and payload["note"] == "x"
+    assert [c["size"] for c in payload["calibrations"]] == [[32, 48]]
     back = load_int8(path)
     x = frames.float() / 255
     assert torch.equal(back(x), q(x))
@@ -125,6 +145,9 @@ def test_int8_model_saves_and_loads_unchanged(tmp_path: Path) -> None:
     torch.save({"format": "something-else"}, tmp_path / "other.pt")
     with pytest.raises(UnetsegError, match="not an int8 model of `unetseg export`"):
         load_int8(tmp_path / "other.pt")
+    torch.save({**payload, "calibrations": [{"size": [32]}]}, tmp_path / "partial.pt")
+    with pytest.raises(UnetsegError, match="partial.pt: an incomplete int8 model"):
+        load_int8(tmp_path / "partial.pt")
     (tmp_path / "broken.pt").write_bytes(b"not a torch file")
     with pytest.raises(UnetsegError, match="broken.pt: cannot read an int8 model"):
         load_int8(tmp_path / "broken.pt")

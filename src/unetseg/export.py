@@ -630,17 +630,13 @@ def _onednn_int8(
     graphs: dict[float, tuple[dict[str, str], tuple[int, int]]], size: tuple[int, int], resize_mode: str,
     path: Path,
 ) -> tuple[Path, dict[str, Any]]:
-    """The oneDNN int8 model of an export, calibrated on ``chosen`` at every exported scale (one model serves
-    them all, so its ranges cover them all), written to ``path``; and what ``model.json`` says of it."""
+    """The oneDNN int8 model of an export, calibrated on ``chosen`` at each exported scale's size (one file,
+    ranges of its own for each scale), written to ``path``; and what ``model.json`` says of it."""
     from .int8 import Int8UNet, calibrate_ranges, save_int8
     from .model import forward_full
 
-    ranges: dict[str, list[float]] = {}
-    for _, hw in graphs.values():
-        for name, (lo, hi) in calibrate_ranges(equalized, _frames(chosen, hw, resize_mode)).items():
-            old = ranges.get(name, [lo, hi])
-            ranges[name] = [min(lo, old[0]), max(hi, old[1])]
-    q = Int8UNet(equalized, ranges)
+    q = Int8UNet(equalized, {hw: calibrate_ranges(equalized, _frames(chosen, hw, resize_mode))
+                             for _, hw in graphs.values()})
     agreements = {}
     with torch.inference_mode():
         for v, (_, hw) in graphs.items():
@@ -679,8 +675,8 @@ def export_checkpoint(
     ``model.x0.6.onnx`` and ``model.int8.x0.6.onnx`` (int8 calibrated on the same frames at that size):
     ``predict`` and ``evaluate`` on the export then average the scales as the checkpoint does.
     With ``int8`` on an x86 CPU with VNNI (``int8.onednn_int8_available``), ``OUT/model.int8.pt`` is the same
-    equalized model for oneDNN's int8 kernels (``int8.Int8UNet``), its ranges calibrated on the same frames
-    at every scale. ``OUT/model.json`` records the input (name, NCHW float32, uint8 / 255, size), the output,
+    equalized model for oneDNN's int8 kernels (``int8.Int8UNet``), with ranges calibrated on the same frames
+    at each scale's size. ``OUT/model.json`` records the input (name, NCHW float32, uint8 / 255, size), the output,
     the classes, the scales and their files, and, for int8, the calibration and the share of pixels whose class matches
     the fp32 model's on up to 16 of the run's validation frames found in ``data`` (else on calibration
     frames), per scale. Every file is written to a temporary name and renamed, so a failed export leaves

@@ -43,9 +43,11 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import math
 import os
 import pickle
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,58 +295,102 @@ class _QUp:
 # ------------------------------------------------------------------------------------------------ the model
 
 
-class Int8UNet(nn.Module):
-    """A lab or paper U-Net running int8 through oneDNN on the CPU (see the module docstring).
+class _Int8Net:
+    """The int8 convs of one calibration: ``plan``'s layers quantized at ``ranges`` (joined for each concatenation)."""
 
-    ``Int8UNet(model, ranges)``: ``model`` the float network (left untouched; the one ``ranges`` were measured
-    on), ``ranges`` from ``calibrate_ranges``. ``forward(images)``: float ``(N, C, H, W)`` in ``[0, 1]`` (or
-    uint8) → float32 logits, the float model's shape. Like ``runtime.InferenceModel`` it exposes ``arch``,
-    ``depth``, ``config`` and ``precision`` (``"int8"``), so ``model.forward_full`` and ``predict`` take it.
-    """
-
-    precision = "int8"
-
-    def __init__(self, model: nn.Module, ranges: dict[str, list[float]]) -> None:
-        super().__init__()
-        _require_onednn_int8()
-        plan = _plan(copy.deepcopy(model))
+    def __init__(self, plan: _Plan, ranges: dict[str, list[float]]) -> None:
         missing = sorted(set(_point_names(plan)) - set(ranges))
         if missing:
             raise UnetsegError(f"int8 ranges lack {', '.join(missing)}: calibrate this model "
                                "(int8.calibrate_ranges) rather than reuse another's ranges")
-        ranges = {k: list(v) for k, v in ranges.items()}
+        ranges = {k: [float(v[0]), float(v[1])] for k, v in ranges.items()}
         depth = len(plan.decoder)
         for j in range(depth):
             # cat([up, skip]) is read as one uint8 tensor, so the up output and the skip it meets share a range
             up, skip = f"dec{j}.up", f"enc{depth - 1 - j}.b"
             joint = [min(ranges[up][0], ranges[skip][0]), max(ranges[up][1], ranges[skip][1])]
             ranges[up] = ranges[skip] = joint
+        self.ranges = ranges  # joining them again (on load) changes nothing
         qp = {k: _qparams(*v) for k, v in ranges.items()}
         prev = (1 / 255, 0)  # uint8 frames / 255: exact
-        self._encoder = []
+        self.encoder = []
         for i, (ca, cb, pool) in enumerate(plan.encoder):
-            self._encoder.append((_QConv(ca, prev, qp[f"enc{i}.a"], True),
-                                  _QConv(cb, qp[f"enc{i}.a"], qp[f"enc{i}.b"], True), pool))
+            self.encoder.append((_QConv(ca, prev, qp[f"enc{i}.a"], True),
+                                 _QConv(cb, qp[f"enc{i}.a"], qp[f"enc{i}.b"], True), pool))
             prev = qp[f"enc{i}.b"]
-        self._decoder = []
+        self.decoder = []
         for j, (up, ca, cb) in enumerate(plan.decoder):
-            self._decoder.append((_QUp(up, prev, qp[f"dec{j}.up"]),
-                                  _QConv(ca, qp[f"dec{j}.up"], qp[f"dec{j}.a"], True),
-                                  _QConv(cb, qp[f"dec{j}.a"], qp[f"dec{j}.b"], True)))
+            self.decoder.append((_QUp(up, prev, qp[f"dec{j}.up"]),
+                                 _QConv(ca, qp[f"dec{j}.up"], qp[f"dec{j}.a"], True),
+                                 _QConv(cb, qp[f"dec{j}.a"], qp[f"dec{j}.b"], True)))
             prev = qp[f"dec{j}.b"]
-        self._tail = []
+        self.tail = []
         for k, conv in enumerate(plan.tail[:-1]):
-            self._tail.append(_QConv(conv, prev, qp[f"tail{k}"], True))
+            self.tail.append(_QConv(conv, prev, qp[f"tail{k}"], True))
             prev = qp[f"tail{k}"]
-        self._tail.append(_QConv(plan.tail[-1], prev, None, False))
+        self.tail.append(_QConv(plan.tail[-1], prev, None, False))
         self.crop_skips = plan.crop_skips
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for conv_a, conv_b, pool in self.encoder:
+            s = conv_b(conv_a(x))
+            skips.append(s)
+            x = max_pool2x2_uint8(s) if pool else s
+        x = skips.pop()
+        for up, conv_a, conv_b in self.decoder:
+            skip = skips.pop()
+            if self.crop_skips:
+                skip = _centre(skip, x.shape[-2] * up.stride, x.shape[-1] * up.stride)
+            x = conv_b(conv_a(up(x, skip)))
+        for conv in self.tail:
+            x = conv(x)
+        return x
+
+
+Calibrations = dict[tuple[int, int], dict[str, list[float]]]
+
+
+class Int8UNet(nn.Module):
+    """A lab or paper U-Net running int8 through oneDNN on the CPU (see the module docstring).
+
+    ``Int8UNet(model, calibrations)``: ``model`` the float network (left untouched; the one the ranges were
+    measured on), ``calibrations`` ``{(H, W): ranges}`` with ``ranges`` from ``calibrate_ranges`` on frames of
+    that size. Each calibration gets int8 weights of its own (the same values, packed for its input ranges),
+    and an input runs with the one whose size is nearest in pixel count: ranges measured at one scale fit
+    that scale (a default-recipe checkpoint calibrated on 1x and 0.6x frames at once lost 0.94 mIoU point at
+    1x against 0.05 calibrated on 1x frames alone; BENCHMARKS.md, session 16). ``forward(images)``: float
+    ``(N, C, H, W)`` in ``[0, 1]`` (or uint8) → float32 logits, the float model's shape. Like
+    ``runtime.InferenceModel`` it exposes ``arch``, ``depth``, ``config`` and ``precision`` (``"int8"``), so
+    ``model.forward_full`` and ``predict`` take it.
+    """
+
+    precision = "int8"
+
+    def __init__(self, model: nn.Module, calibrations: Calibrations) -> None:
+        super().__init__()
+        _require_onednn_int8()
+        if not calibrations:
+            raise UnetsegError("int8 needs at least one calibration: {(H, W): int8.calibrate_ranges(model, frames)}")
+        plan = _plan(copy.deepcopy(model))
+        self._nets = {(int(h), int(w)): _Int8Net(plan, r) for (h, w), r in calibrations.items()}
         self.arch = getattr(model, "arch", "lab")
-        self.depth = getattr(model, "depth", depth)
+        self.depth = getattr(model, "depth", len(plan.decoder))
         self.config = dict(getattr(model, "config", {}))
         self.device = torch.device("cpu")
-        # What save_int8 stores: the float weights and the ranges (joining them again on load changes nothing).
+        # What save_int8 stores: the float weights and the ranges.
         self.source_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.ranges = {k: [float(v[0]), float(v[1])] for k, v in ranges.items()}
+
+    @property
+    def calibrations(self) -> Calibrations:
+        """``{(H, W): ranges}`` as used (each concatenation's pair joined)."""
+        return {size: net.ranges for size, net in self._nets.items()}
+
+    def _net_for(self, h: int, w: int) -> _Int8Net:
+        if len(self._nets) == 1:
+            return next(iter(self._nets.values()))
+        pixels = math.log(h * w)
+        return min(self._nets.items(), key=lambda kv: abs(math.log(kv[0][0] * kv[0][1]) - pixels))[1]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         from .model import output_size
@@ -354,21 +400,7 @@ class Int8UNet(nn.Module):
             x = images.cpu()
             if x.dtype != torch.uint8:
                 x = x.float().mul(255).round_().clamp_(0, 255).to(torch.uint8)
-            x = x.contiguous(memory_format=_CL)
-            skips = []
-            for conv_a, conv_b, pool in self._encoder:
-                s = conv_b(conv_a(x))
-                skips.append(s)
-                x = max_pool2x2_uint8(s) if pool else s
-            x = skips.pop()
-            for up, conv_a, conv_b in self._decoder:
-                skip = skips.pop()
-                if self.crop_skips:
-                    skip = _centre(skip, x.shape[-2] * up.stride, x.shape[-1] * up.stride)
-                x = conv_b(conv_a(up(x, skip)))
-            for conv in self._tail:
-                x = conv(x)
-            return x
+            return self._net_for(*x.shape[-2:])(x.contiguous(memory_format=_CL))
 
 
 def _point_names(plan: _Plan) -> list[str]:
@@ -378,7 +410,7 @@ def _point_names(plan: _Plan) -> list[str]:
 
 
 def quantize_model(
-    model: nn.Module, frames: torch.Tensor, equalize: bool = True, batch_size: int = 8
+    model: nn.Module, frames: torch.Tensor | Sequence[torch.Tensor], equalize: bool = True, batch_size: int = 8
 ) -> Int8UNet:
     """``model`` on the oneDNN int8 path, its ranges calibrated on ``frames``.
 
@@ -386,26 +418,33 @@ def quantize_model(
         model: a trained ``UNet`` or ``PaperUNet`` (left untouched), with ``logit_bias`` folded in when it came
             from a checkpoint (``model.model_from_checkpoint``).
         frames: training frames ``(N, C, H, W)``, uint8 or float in ``[0, 1]``, at the size the model will
-            see; 64 are plenty.
-        equalize: quantize an ``equalize.equalize_activations`` copy (exact in float), whose channels one
-            per-tensor uint8 scale holds better.
+            see (64 are plenty); or one such tensor per input size the model will see (a checkpoint's
+            prediction scales), each calibrated on its own.
+        equalize: quantize an ``equalize.equalize_activations`` copy (exact in float; measured on the first
+            tensor of ``frames``), whose channels one per-tensor uint8 scale holds better.
         batch_size: frames per calibration pass.
     """
     _require_onednn_int8()
+    sets = [frames] if isinstance(frames, torch.Tensor) else list(frames)
+    if not sets:
+        raise UnetsegError("quantize_model needs calibration frames")
     if equalize:
         from .equalize import equalize_activations
 
-        model = equalize_activations(model, frames, batch_size=batch_size)
-    return Int8UNet(model, calibrate_ranges(model, frames, batch_size))
+        model = equalize_activations(model, sets[0], batch_size=batch_size)
+    calibrations = {(int(f.shape[-2]), int(f.shape[-1])): calibrate_ranges(model, f, batch_size) for f in sets}
+    return Int8UNet(model, calibrations)
 
 
 def save_int8(model: Int8UNet, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` to ``path`` atomically: ``{"format", "model_config", "state_dict", "ranges", **extra}``,
-    the float (equalized) weights and the measured ranges; ``load_int8`` quantizes them again (deterministic)."""
+    """Write ``model`` to ``path`` atomically: ``{"format", "model_config", "state_dict", "calibrations",
+    **extra}``: the float (equalized) weights and, per calibration, its size and ranges (``[{"size": [H, W],
+    "ranges": {...}}]``); ``load_int8`` quantizes them again (deterministic)."""
     from .checkpoint import atomic_write_bytes
 
+    calibrations = [{"size": list(size), "ranges": ranges} for size, ranges in model.calibrations.items()]
     payload = {"format": INT8_FORMAT, "model_config": dict(model.config), "state_dict": model.source_state,
-               "ranges": model.ranges, **(extra or {})}
+               "calibrations": calibrations, **(extra or {})}
     buf = io.BytesIO()
     torch.save(payload, buf)
     return atomic_write_bytes(path, buf.getvalue())
@@ -423,6 +462,10 @@ def load_int8(path: str | os.PathLike) -> Int8UNet:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise UnetsegError(f"{path}: not an int8 model of `unetseg export` (format {found!r}, "
                            f"expected {INT8_FORMAT!r})")
-    model = model_from_config(payload["model_config"])
-    model.load_state_dict(payload["state_dict"])
-    return Int8UNet(model.eval(), payload["ranges"])
+    try:
+        model = model_from_config(payload["model_config"])
+        model.load_state_dict(payload["state_dict"])
+        calibrations = {(int(c["size"][0]), int(c["size"][1])): c["ranges"] for c in payload["calibrations"]}
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise UnetsegError(f"{path}: an incomplete int8 model ({type(e).__name__}: {e}); export again") from None
+    return Int8UNet(model.eval(), calibrations)
