@@ -12,6 +12,9 @@ round-robin in one process (medians, 2 threads):
   PyTorch's quantized conv on the ``onednn`` engine (uint8 activations, per-channel int8 weights), which
   oneDNN may run on the int8 tile units: whether an int8 path through PyTorch would pay here.
 
+Session 16 built that int8 path without PyTorch's quantized tensors: ``unetseg.int8`` calls oneDNN's int8
+conv ops on plain uint8 tensors (the benchmark's ``onednn_int8`` mode; 567 img/s here, BENCHMARKS.md).
+
 Example:
     python experiments/int8_amx.py
 """

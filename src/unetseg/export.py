@@ -618,10 +618,10 @@ ONEDNN_INT8_FILE = "model.int8.pt"
 
 def prefer_onednn_int8() -> bool:
     """Whether an export's int8 model runs through oneDNN (``model.int8.pt``) rather than ONNX Runtime here:
-    on CPUs with AMX, where oneDNN's int8 convs use the tile units. There the lab model ran 596-606 images/s
-    through oneDNN against 175 through ONNX Runtime (BENCHMARKS.md, session 16); on VNNI CPUs without AMX
-    ONNX Runtime's int8 was the measured one (1.56x Keras bf16, session 12), so it stays the choice there.
-    Pass the file itself to ``predict``/``evaluate`` to run the other."""
+    on CPUs with AMX, where oneDNN's int8 convs use the tile units. There the lab model ran 568-602 images/s
+    through oneDNN against 175-180 through ONNX Runtime (batch 32, four runs; BENCHMARKS.md, session 16); on
+    VNNI CPUs without AMX ONNX Runtime's int8 was the measured one (1.56x Keras bf16, session 12), so it stays
+    the choice there. Pass the file itself to ``predict``/``evaluate`` to run the other."""
     return onednn_int8_available() and cpu_has_amx()
 
 

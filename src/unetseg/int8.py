@@ -13,13 +13,15 @@ training frames and returns an ``Int8UNet``: images float ``(N, C, H, W)`` in ``
 * activations stay uint8 from the input (``uint8 / 255`` is exact at scale 1/255) to the 1x1 head, which
   returns float32 logits: max-pooling and the pixel shuffle + concatenation only move bytes, and the up
   output and its skip are quantized with one shared range so that they can be concatenated as they are;
-* batch norm, where a model has it, is folded into its conv.
+* batch norm, where a model has it, is folded into its conv;
+* ranges are measured per input size (``quantize_model(model, [frames_1x, frames_0.6x])``): each size gets
+  int8 weights packed for its own ranges, and an input runs with the nearest.
 
-On the AMX host of session 16 this ran the lab model at 1.9x the toolkit's bf16 path at batch 32 (2.0x
-Keras ``mixed_bfloat16``) and one image in 3.7 ms; on trained checkpoints it lost 0.1-0.3 mIoU point
-against fp32 (BENCHMARKS.md, "Session 16"). Quantize an ``equalize.equalize_activations`` copy of the
-model (``quantize_model`` does by default, as ``unetseg export --int8`` does for ONNX): it evens the
-channels that one per-tensor scale has to hold.
+On the AMX host of session 16 this ran the lab model at 1.9x the toolkit's bf16 path and 1.9x Keras
+``mixed_bfloat16`` at batch 32 (medians of four runs) and one image in 3.8 ms; on four trained checkpoints
+of both recipes it lost -0.12 to 0.64 mIoU point against fp32 (BENCHMARKS.md, "Session 16"). Quantize an
+``equalize.equalize_activations`` copy of the model (``quantize_model`` does by default, as ``unetseg export
+--int8`` does for ONNX): it evens the channels that one per-tensor scale has to hold.
 
 ``save_int8`` / ``load_int8`` store one as the equalized float weights plus the measured ranges (a file that
 ``torch.load(..., weights_only=True)`` reads); ``unetseg export --int8`` writes it as ``model.int8.pt``.
