@@ -61,7 +61,9 @@ def test_uint8_max_pool_equals_max_pool2d(h: int, w: int) -> None:
 @pytest.mark.parametrize("key", list(MODELS))
 def test_int8_logits_follow_fp32(key: str) -> None:
     model, frames = _model(key)
-    q = quantize_model(model, frames)
+    q = quantize_model(model.train(), frames)
+    assert model.training  # left in the mode it was in
+    model.eval()
     x = frames.float() / 255
     with torch.no_grad():
         ref = model(x)

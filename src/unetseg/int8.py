@@ -65,6 +65,7 @@ __all__ = [
     "Int8UNet",
     "calibrate_ranges",
     "load_int8",
+    "max_pool2x2_uint8",
     "onednn_int8_available",
     "quantize_model",
     "save_int8",
@@ -103,8 +104,8 @@ def _require_onednn_int8() -> None:
 
 @dataclass
 class _Plan:
-    """A U-Net as the int8 path walks it: float convs (batch norm folded in), ``None`` where a block does not
-    pool, transposed convs rewritten as conv + pixel shuffle. ``tail``: the convs after the last decoder
+    """A U-Net as the int8 path walks it: fp32 copies of its convs (batch norm folded in), whether each encoder
+    block pools, transposed convs rewritten as conv + pixel shuffle. ``tail``: the convs after the last decoder
     level, ReLU after all but the last (lab: ``conv9``, ``conv10``; paper: ``head``)."""
 
     encoder: list[tuple[nn.Conv2d, nn.Conv2d, bool]]
@@ -145,7 +146,7 @@ def _plan(model: nn.Module) -> _Plan:
 
     if not isinstance(model, (UNet, PaperUNet)):
         raise UnetsegError(f"int8 through oneDNN takes a unetseg UNet or PaperUNet, not {type(model).__name__}")
-    model = model.float().eval()
+    # Everything below copies what it takes (fp32, eval-mode batch norm), so the model itself is left as it is.
     encoder = [(*_double_conv(b.convs), b.pool is not None) for b in model.encoder]
     if isinstance(model, UNet):
         decoder = [(ConvTransposeAsConvShuffle(b.up), *_double_conv(b.convs)) for b in model.decoder]
@@ -374,7 +375,7 @@ class Int8UNet(nn.Module):
         _require_onednn_int8()
         if not calibrations:
             raise UnetsegError("int8 needs at least one calibration: {(H, W): int8.calibrate_ranges(model, frames)}")
-        plan = _plan(copy.deepcopy(model))
+        plan = _plan(model)
         self._nets = {(int(h), int(w)): _Int8Net(plan, r) for (h, w), r in calibrations.items()}
         self.arch = getattr(model, "arch", "lab")
         self.depth = getattr(model, "depth", len(plan.decoder))
