@@ -627,8 +627,7 @@ def prefer_onednn_int8() -> bool:
 
 def _onednn_int8(
     model: nn.Module, equalized: nn.Module, chosen: list[Any], check_pairs: list[Any], check_on: str,
-    graphs: dict[float, tuple[dict[str, str], tuple[int, int]]], size: tuple[int, int], resize_mode: str,
-    path: Path,
+    graphs: dict[float, tuple[dict[str, str], tuple[int, int]]], resize_mode: str, path: Path,
 ) -> tuple[Path, dict[str, Any]]:
     """The oneDNN int8 model of an export, calibrated on ``chosen`` at each exported scale's size (one file,
     ranges of its own for each scale), written to ``path``; and what ``model.json`` says of it."""
@@ -753,7 +752,7 @@ def export_checkpoint(
             }
             if onednn_int8_available():
                 staged[ONEDNN_INT8_FILE], info["int8_onednn"] = _onednn_int8(
-                    model, equalized_model, chosen, check_pairs, check_on, graphs, size, resize_mode,
+                    model, equalized_model, chosen, check_pairs, check_on, graphs, resize_mode,
                     Path(tmp) / ONEDNN_INT8_FILE,
                 )
                 info["files"]["int8_onednn"] = ONEDNN_INT8_FILE
