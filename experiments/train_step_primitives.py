@@ -7,7 +7,7 @@ outside oneDNN included).
 
 Example:
     python experiments/train_step_primitives.py --steps 3
-    python experiments/train_step_primitives.py --steps 3 --torch
+    python experiments/train_step_primitives.py --steps 3 --torch [--prepared]
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import subprocess
 import sys
 
 
-def child(steps: int, torch_profile: bool) -> None:
+def child(steps: int, torch_profile: bool, prepared: bool = False) -> None:
     import torch
 
     from unetseg.model import unet_model
-    from unetseg.runtime import flush_denormals, retain_freed_memory
+    from unetseg.runtime import flush_denormals, prepare_model_for_training, retain_freed_memory
     from unetseg.train import make_optimizer, train_step
 
     torch.set_num_threads(2)
@@ -31,6 +31,8 @@ def child(steps: int, torch_profile: bool) -> None:
     retain_freed_memory()
     torch.manual_seed(0)
     model = unet_model().to(memory_format=torch.channels_last).train()
+    if prepared:  # as `unetseg train` prepares it (each conv + ReLU one oneDNN primitive)
+        prepare_model_for_training(model, "bf16", torch.device("cpu"))
     optimizer = make_optimizer("adam", model, 1e-3)
     x = torch.rand(32, 3, 96, 128).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 23, (32, 96, 128))
@@ -55,12 +57,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--torch", action="store_true", help="torch's profiler table instead of oneDNN's log")
+    ap.add_argument("--prepared", action="store_true",
+                    help="the model as `unetseg train` prepares it (runtime.prepare_model_for_training)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child or args.torch:
-        child(args.steps, args.torch)
+        child(args.steps, args.torch, args.prepared)
         return
-    out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps)], env=dict(os.environ),
+    out = subprocess.run([sys.executable, __file__, "--child", "--steps", str(args.steps)]
+                         + (["--prepared"] if args.prepared else []), env=dict(os.environ),
                          capture_output=True, text=True, check=True).stdout
     per_step: dict[tuple[str, str, str, str], float] = collections.defaultdict(float)
     for line in out.splitlines():
