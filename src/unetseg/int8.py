@@ -146,7 +146,8 @@ def _plan(model: nn.Module) -> _Plan:
 
     if not isinstance(model, (UNet, PaperUNet)):
         raise UnetsegError(f"int8 through oneDNN takes a unetseg UNet or PaperUNet, not {type(model).__name__}")
-    # Everything below copies what it takes (fp32, eval-mode batch norm), so the model itself is left as it is.
+    # A CPU fp32 copy in eval mode: the caller's model keeps its device, dtype and mode.
+    model = copy.deepcopy(model).float().cpu().eval()
     encoder = [(*_double_conv(b.convs), b.pool is not None) for b in model.encoder]
     if isinstance(model, UNet):
         decoder = [(ConvTransposeAsConvShuffle(b.up), *_double_conv(b.convs)) for b in model.decoder]
@@ -211,7 +212,7 @@ def calibrate_ranges(model: nn.Module, frames: torch.Tensor, batch_size: int = 8
             return x
 
     for i in range(0, len(frames), batch_size):
-        x = frames[i : i + batch_size]
+        x = frames[i : i + batch_size].cpu()
         forward_full(_Recorder(), x.float() / 255 if x.dtype == torch.uint8 else x.float())
     return ranges
 
@@ -428,7 +429,8 @@ def quantize_model(
         batch_size: frames per calibration pass.
     """
     _require_onednn_int8()
-    sets = [frames] if isinstance(frames, torch.Tensor) else list(frames)
+    model = copy.deepcopy(model).float().cpu().eval()  # any device or dtype in; the caller's model untouched
+    sets = [f.cpu() for f in ([frames] if isinstance(frames, torch.Tensor) else map(torch.as_tensor, frames))]
     if not sets:
         raise UnetsegError("quantize_model needs calibration frames")
     if equalize:
