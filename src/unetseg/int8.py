@@ -266,9 +266,10 @@ def max_pool2x2_uint8(x: torch.Tensor) -> torch.Tensor:
     """2x2 max-pooling (stride 2, odd edges dropped, as ``nn.MaxPool2d(2)``) of a channels_last uint8
     ``(N, C, H, W)`` tensor → ``(N, C, H // 2, W // 2)`` channels_last.
 
-    Three element-wise maxima over strided views: ``torch.max_pool2d`` rejects channels_last uint8 tensors of
-    the lab's sizes (torch 2.13 checks their element count against uint8's range), and this ran 3.5x faster
-    than its bf16 pooling of the same tensor."""
+    Three element-wise maxima over strided views: torch 2.13's ``max_pool2d`` refuses channels_last uint8
+    tensors of the lab's sizes (its check ``input_depth * input_height * input_width <=
+    numeric_limits<integer_t>::max()`` fails), and this took 1.1 ms against 3.9 ms for bf16 pooling of the
+    same tensor (32 x 32 x 96 x 128)."""
     n, c, h, w = x.shape
     v = x.permute(0, 2, 3, 1)[:, : h - h % 2, : w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
     top = torch.maximum(v[:, :, 0, :, 0], v[:, :, 0, :, 1])
