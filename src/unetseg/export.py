@@ -625,31 +625,39 @@ def prefer_onednn_int8() -> bool:
     return onednn_int8_available() and cpu_has_amx()
 
 
+def _int8_info(n_frames: int, method: str, agreements: dict[str, float], n_check: int, check_on: str) -> dict[str, Any]:
+    """What ``model.json`` says of an int8 model: its calibration and its class agreement with fp32 per scale."""
+    return {
+        "calibration_frames": n_frames, "method": method, "equalized": True,
+        "agreement_with_fp32": round(agreements["1"], 6), "agreement_frames": n_check,
+        "agreement_on": f"{check_on} frames",
+        "agreement_with_fp32_by_scale": {k: round(a, 6) for k, a in agreements.items()},
+    }
+
+
 def _onednn_int8(
-    model: nn.Module, equalized: nn.Module, chosen: list[Any], check_pairs: list[Any], check_on: str,
-    graphs: dict[float, tuple[dict[str, str], tuple[int, int]]], resize_mode: str, path: Path,
+    model: nn.Module, equalized: nn.Module, frames: dict[float, torch.Tensor], checks: dict[float, torch.Tensor],
+    check_on: str, path: Path,
 ) -> tuple[Path, dict[str, Any]]:
-    """The oneDNN int8 model of an export, calibrated on ``chosen`` at each exported scale's size (one file,
-    ranges of its own for each scale), written to ``path``; and what ``model.json`` says of it."""
+    """The oneDNN int8 model of an export, calibrated on ``frames`` (uint8, one tensor per scale: ranges of its
+    own for each), its classes checked against ``model``'s on ``checks`` (the same), written to ``path``; and
+    what ``model.json`` says of it."""
     from .int8 import Int8UNet, calibrate_ranges, save_int8
     from .model import forward_full
 
-    q = Int8UNet(equalized, {hw: calibrate_ranges(equalized, _frames(chosen, hw, resize_mode))
-                             for _, hw in graphs.values()})
+    q = Int8UNet(equalized, {tuple(f.shape[-2:]): calibrate_ranges(equalized, f) for f in frames.values()})
     agreements = {}
     with torch.inference_mode():
-        for v, (_, hw) in graphs.items():
-            check = _frames(check_pairs, hw, resize_mode).float() / 255
-            ref, got = forward_full(model, check).argmax(1), forward_full(q, check).argmax(1)
-            agreements[f"{v:g}"] = (ref == got).double().mean().item()
-            _warn_if_astray(path.name, agreements[f"{v:g}"], f"{len(check_pairs)} {check_on} frames")
+        for v, check in checks.items():
+            x = check.float() / 255
+            same = forward_full(model, x).argmax(1) == forward_full(q, x).argmax(1)
+            agreements[f"{v:g}"] = same.double().mean().item()
+            _warn_if_astray(path.name, agreements[f"{v:g}"], f"{len(check)} {check_on} frames")
     save_int8(q, path)
+    n_frames, n_check = len(next(iter(frames.values()))), len(next(iter(checks.values())))
     return path, {
         "runtime": "oneDNN through PyTorch (x86 CPUs with VNNI or AMX); chosen over ONNX Runtime on AMX CPUs",
-        "calibration_frames": len(chosen), "method": "minmax", "equalized": True,
-        "agreement_with_fp32": round(agreements["1"], 6), "agreement_frames": len(check_pairs),
-        "agreement_on": f"{check_on} frames",
-        "agreement_with_fp32_by_scale": {k: round(a, 6) for k, a in agreements.items()},
+        **_int8_info(n_frames, "minmax", agreements, n_check, check_on),
     }
 
 
@@ -731,29 +739,26 @@ def export_checkpoint(
             # Equalization is exact in float and does not depend on the input size: one model for every scale.
             equalized_model = equalize_activations(model, frames)
             check_pairs, check_on = (val_pairs[:16], "validation") if val_pairs else (chosen[:16], "calibration")
+            # Each scale's frames, decoded and resized once for both int8 models.
+            scaled = {v: frames if hw == size else _frames(chosen, hw, resize_mode) for v, (_, hw) in graphs.items()}
+            checks = {v: _frames(check_pairs, hw, resize_mode) for v, (_, hw) in graphs.items()}
             agreements = {}
             for v, (files, hw) in graphs.items():
-                scaled = frames if hw == size else _frames(chosen, hw, resize_mode)
-                check = _frames(check_pairs, hw, resize_mode)
                 equalized = export_onnx(FullFrame(equalized_model), Path(tmp) / "eq.onnx", input_size=hw)
                 files["int8"] = files["fp32"].replace("model.", "model.int8.", 1)
                 staged[files["int8"]] = quantize_int8(
-                    equalized, scaled, Path(tmp) / files["int8"], method=method, check_frames=0
+                    equalized, scaled[v], Path(tmp) / files["int8"], method=method, check_frames=0
                 )
-                agreements[f"{v:g}"] = int8_agreement(staged[files["fp32"]], staged[files["int8"]], check)
+                agreements[f"{v:g}"] = int8_agreement(staged[files["fp32"]], staged[files["int8"]], checks[v])
                 _warn_if_astray(out / files["int8"], agreements[f"{v:g}"], f"{len(check_pairs)} {check_on} frames")
             info["int8"] = {
-                "calibration_frames": len(frames), "method": method, "equalized": True,
-                "agreement_with_fp32": round(agreements["1"], 6), "agreement_frames": len(check_pairs),
-                "agreement_on": f"{check_on} frames",
-                "agreement_with_fp32_by_scale": {k: round(a, 6) for k, a in agreements.items()},
+                **_int8_info(len(frames), method, agreements, len(check_pairs), check_on),
                 # uint8 where made on an x86 CPU without VNNI; an int8-weight model is not run int8 on such a CPU
                 "weights": int8_weights(staged[info["files"]["int8"]]),
             }
             if onednn_int8_available():
                 staged[ONEDNN_INT8_FILE], info["int8_onednn"] = _onednn_int8(
-                    model, equalized_model, chosen, check_pairs, check_on, graphs, resize_mode,
-                    Path(tmp) / ONEDNN_INT8_FILE,
+                    model, equalized_model, scaled, checks, check_on, Path(tmp) / ONEDNN_INT8_FILE
                 )
                 info["files"]["int8_onednn"] = ONEDNN_INT8_FILE
         for name, path in staged.items():

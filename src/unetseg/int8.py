@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from .errors import UnetsegError
+from .model import crop_like
 from .runtime import cpu_has_vnni
 
 __all__ = [
@@ -159,11 +160,6 @@ def _plan(model: nn.Module) -> _Plan:
     return _Plan(encoder, decoder, tail, crop_skips=isinstance(model, PaperUNet))
 
 
-def _centre(skip: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    dh, dw = (skip.shape[-2] - h) // 2, (skip.shape[-1] - w) // 2
-    return skip[..., dh : dh + h, dw : dw + w]
-
-
 def _float_points(plan: _Plan, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The float network's activations at every point the int8 network quantizes (names as in ``Int8UNet``)."""
     relu = torch.relu
@@ -179,7 +175,7 @@ def _float_points(plan: _Plan, x: torch.Tensor) -> dict[str, torch.Tensor]:
         u = points[f"dec{j}.up"] = up(x)
         skip = skips.pop()
         if plan.crop_skips:
-            skip = _centre(skip, *u.shape[-2:])
+            skip = crop_like(skip, tuple(u.shape[-2:]))
         a = points[f"dec{j}.a"] = relu(ca(torch.cat([u, skip], 1)))
         x = points[f"dec{j}.b"] = relu(cb(a))
     for k, conv in enumerate(plan.tail[:-1]):
@@ -346,7 +342,7 @@ class _Int8Net:
         for up, conv_a, conv_b in self.decoder:
             skip = skips.pop()
             if self.crop_skips:
-                skip = _centre(skip, x.shape[-2] * up.stride, x.shape[-1] * up.stride)
+                skip = crop_like(skip, (x.shape[-2] * up.stride, x.shape[-1] * up.stride))
             x = conv_b(conv_a(up(x, skip)))
         for conv in self.tail:
             x = conv(x)
