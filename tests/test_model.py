@@ -19,6 +19,7 @@ from unetseg.model import (
     conv_block,
     count_conv_layers,
     count_parameters,
+    fold_batch_norm,
     he_normal_,
     model_from_config,
     output_size,
@@ -270,6 +271,29 @@ def test_batch_norm_option(arch: str) -> None:
     net = build_model(arch, batch_norm=True, **TINY[arch])
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in build_model(arch, **TINY[arch]).modules())
+
+
+def test_fold_batch_norm_gives_the_plain_network_with_the_same_outputs(arch: str) -> None:
+    torch.manual_seed(0)
+    net = build_model(arch, batch_norm=True, **TINY[arch])
+    with torch.no_grad():  # statistics of its own, far from the identity, so that folding matters
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.3, 3)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    net.eval()
+    folded = fold_batch_norm(net)
+    plain = build_model(arch, **TINY[arch])
+    assert folded.config == plain.config and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert _params(folded) == _params(plain)
+    x = torch.rand(2, 3, *TINY_SIZE[arch])
+    with torch.no_grad():
+        expected, got = net(x), folded(x)
+    assert (expected - got).abs().max().item() < 1e-4 * expected.abs().max().item()
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # the trained model is left as it was
+    assert fold_batch_norm(plain) is plain
 
 
 def test_forward_backward_tiny_batch(arch: str) -> None:

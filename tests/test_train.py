@@ -266,6 +266,26 @@ def test_grad_clip_bounds_the_step() -> None:
 
 
 @pytest.mark.slow
+def test_batch_norm_run_with_ema_serves_the_plain_network(scenes: Path, tmp_path: Path) -> None:
+    from unetseg.model import model_from_checkpoint, model_from_config
+
+    out = tmp_path / "bn"
+    train(**{**TINY_TRAIN, "batch_norm": True, "ema": 0.9}, data=str(scenes), out=str(out))
+    state = load_checkpoint(out / "best.pt")
+    assert state["model_config"]["batch_norm"]  # the checkpoint holds what was trained (and resumes it)
+    trained = model_from_config(state["model_config"])
+    trained.load_state_dict(state["model"])
+    served = model_from_checkpoint({**state, "logit_bias": None})
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in served.modules())
+    assert sum(p.numel() for p in served.parameters()) == sum(
+        p.numel() for p in build_model("lab", base_filters=8, depth=2).parameters())
+    x = torch.rand(2, 3, 32, 48)
+    with torch.no_grad():
+        expected, got = trained.eval()(x), served(x)
+    assert torch.allclose(expected, got, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.slow
 def test_ema_run_validates_and_saves_the_average(scenes: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "ema"
     summary = train(**{**TINY_TRAIN, "ema": 0.5, "split_seed": 3, "seed": 1}, data=str(scenes), out=str(out))
@@ -366,10 +386,11 @@ def _train_cmd(data: Path, out: Path, cfg: Path, epochs: int) -> list[str]:
 def test_kill_and_resume_gives_identical_weights(scenes: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "tiny.yaml"
     # Augmentation and dropout on: resuming must restore both their random streams; the weight average
-    # (ema) must come back too.
+    # (ema) and batch norm's running statistics must come back too.
     cfg.write_text(yaml.safe_dump({
         "recipe": "default", "base_filters": 8, "depth": 2, "size": [48, 64], "crop": [32, 48],
         "batch_size": 4, "precision": "fp32", "dropout": 0.3, "lr": 0.002, "ema": 0.9, "grad_clip": 1.0,
+        "batch_norm": True,
     }))
     epochs = 8
     straight = tmp_path / "straight"

@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--size", nargs=2, type=int, metavar=("H", "W"))
     t.add_argument("--dropout", type=float)
+    t.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="train with batch norm after each 3x3 conv; checkpoints serve the network without it "
+                        "(each batch norm folded into its conv)")
     t.add_argument("--val-fraction", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--deterministic", action="store_true", default=None)

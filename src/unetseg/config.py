@@ -189,7 +189,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flags = {
         "data": args.data, "out": args.out, "recipe": args.recipe, "arch": args.arch, "epochs": args.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "size": list(args.size) if args.size else None,
-        "dropout": args.dropout, "val_fraction": args.val_fraction, "seed": args.seed,
+        "dropout": args.dropout, "batch_norm": args.batch_norm, "val_fraction": args.val_fraction, "seed": args.seed,
         "deterministic": args.deterministic, "precision": args.precision, "threads": args.threads,
         "device": args.device, "n_classes": args.classes, "layout": args.layout, "palette": args.palette,
         "class_names": args.class_names, "cache_dir": args.cache_dir,

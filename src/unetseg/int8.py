@@ -115,27 +115,14 @@ class _Plan:
     crop_skips: bool  # the paper's crop-and-concatenate
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> nn.Conv2d:
-    """A copy of ``conv`` with the eval-mode batch norm after it folded into its weight and bias."""
-    out = copy.deepcopy(conv).float().eval()
-    if bn is None:
-        return out
-    with torch.no_grad():
-        g = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
-        bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(g)
-        out.weight.mul_(g.view(-1, 1, 1, 1))
-        out.bias = nn.Parameter((bias - bn.running_mean.float()) * g + bn.bias.float())
-    return out
+def _copy(conv: nn.Conv2d) -> nn.Conv2d:
+    return copy.deepcopy(conv).float().eval()
 
 
 def _double_conv(seq: nn.Sequential) -> tuple[nn.Conv2d, nn.Conv2d]:
-    """The two convs of a ``model._double_conv`` (conv, [bn], ReLU, conv, [bn], ReLU), batch norm folded."""
+    """The two convs of a ``model._double_conv`` without batch norm (conv, ReLU, conv, ReLU)."""
     layers = list(seq)
-    convs = []
-    for i, m in enumerate(layers):
-        if isinstance(m, nn.Conv2d):
-            nxt = layers[i + 1] if i + 1 < len(layers) else None
-            convs.append(_fold(m, nxt if isinstance(nxt, nn.BatchNorm2d) else None))
+    convs = [_copy(m) for m in layers if isinstance(m, nn.Conv2d)]
     if len(convs) != 2 or not isinstance(layers[-1], nn.ReLU):
         raise UnetsegError(f"not a double conv block of a unetseg U-Net: {seq}")
     return convs[0], convs[1]
@@ -143,20 +130,20 @@ def _double_conv(seq: nn.Sequential) -> tuple[nn.Conv2d, nn.Conv2d]:
 
 def _plan(model: nn.Module) -> _Plan:
     from .export import ConvTransposeAsConvShuffle
-    from .model import PaperUNet, UNet
+    from .model import PaperUNet, UNet, fold_batch_norm
 
     if not isinstance(model, (UNet, PaperUNet)):
         raise UnetsegError(f"int8 through oneDNN takes a unetseg UNet or PaperUNet, not {type(model).__name__}")
-    # A CPU fp32 copy in eval mode: the caller's model keeps its device, dtype and mode.
-    model = copy.deepcopy(model).float().cpu().eval()
+    # A CPU fp32 copy in eval mode, batch norm folded: the caller's model keeps its device, dtype and mode.
+    model = fold_batch_norm(copy.deepcopy(model).float().cpu().eval())
     encoder = [(*_double_conv(b.convs), b.pool is not None) for b in model.encoder]
     if isinstance(model, UNet):
         decoder = [(ConvTransposeAsConvShuffle(b.up), *_double_conv(b.convs)) for b in model.decoder]
-        tail = [_fold(model.conv9, None), _fold(model.conv10, None)]
+        tail = [_copy(model.conv9), _copy(model.conv10)]
     else:
         decoder = [(ConvTransposeAsConvShuffle(up), *_double_conv(convs))
                    for up, convs in zip(model.ups, model.decoder, strict=True)]
-        tail = [_fold(model.head, None)]
+        tail = [_copy(model.head)]
     return _Plan(encoder, decoder, tail, crop_skips=isinstance(model, PaperUNet))
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "unet_model",
     "build_model",
     "model_from_config",
+    "fold_batch_norm",
     "check_lab_size",
     "paper_output_size",
     "valid_paper_sizes",
@@ -491,6 +492,53 @@ def model_from_config(config: dict) -> nn.Module:
     return build_model(config.pop("arch"), **config)
 
 
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """The same network without batch norm: each eval-mode ``BatchNorm2d`` folded into the conv before it.
+
+    A model built with ``batch_norm=True`` trains with a normalised parametrisation, but at inference each
+    batch norm is a fixed per-channel affine map, ``y = g (x - mean) / sqrt(var + eps) + b``, which the conv
+    before it absorbs exactly: ``w' = w * s``, ``b' = (bias - mean) * s + b`` with ``s = g / sqrt(var + eps)``.
+    The result is the architecture of ``batch_norm=False`` (for the lab model, ``unet_model``'s layers and
+    8,640,471 parameters), with the same outputs up to float rounding. A model without batch norm is returned
+    as it is. Returns a new fp32 CPU model in eval mode; ``model`` is left untouched.
+
+    Example:
+        >>> net = build_model("lab", base_filters=4, depth=2, n_classes=5, batch_norm=True).eval()
+        >>> plain = fold_batch_norm(net)
+        >>> plain.config["batch_norm"], count_parameters(plain) == count_parameters(build_model(
+        ...     "lab", base_filters=4, depth=2, n_classes=5))
+        (False, True)
+    """
+    config = getattr(model, "config", None)
+    if not config or not config.get("batch_norm"):
+        return model
+    folded = model_from_config(dict(config, batch_norm=False)).eval()
+    source = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    target = folded.state_dict()
+    with torch.no_grad():
+        # Parameters outside the double convs (transposed convs, conv9/conv10, head) keep their names.
+        for name, value in target.items():
+            if name in source and source[name].shape == value.shape:
+                value.copy_(source[name])
+        for name, block in model.named_modules():
+            if not (isinstance(block, nn.Sequential) and any(isinstance(m, nn.BatchNorm2d) for m in block)):
+                continue
+            layers = list(block)
+            pairs = [(i, layers[i + 1]) for i, m in enumerate(layers) if isinstance(m, nn.Conv2d)]
+            plain = [m for m in folded.get_submodule(name) if isinstance(m, nn.Conv2d)]
+            if len(plain) != len(pairs) or not all(isinstance(bn, nn.BatchNorm2d) for _, bn in pairs):
+                raise UnetsegError(f"{name}: not a conv + batch norm block of a unetseg U-Net: {block}")
+            for conv_out, (i, bn) in zip(plain, pairs, strict=True):
+                prefix = f"{name}.{i}." if name else f"{i}."
+                w, bias = source[prefix + "weight"], source.get(prefix + "bias")
+                bn_prefix = f"{name}.{i + 1}." if name else f"{i + 1}."
+                scale = source[bn_prefix + "weight"] / torch.sqrt(source[bn_prefix + "running_var"] + bn.eps)
+                bias = torch.zeros_like(scale) if bias is None else bias
+                conv_out.weight.copy_(w * scale.view(-1, 1, 1, 1))
+                conv_out.bias.copy_((bias - source[bn_prefix + "running_mean"]) * scale + source[bn_prefix + "bias"])
+    return folded
+
+
 #: Attribute names of the 1x1 logits layer: ``conv10`` of the lab U-Net, ``head`` of the paper's.
 LOGITS_LAYER_NAMES = ("conv10", "head")
 
@@ -504,7 +552,8 @@ def logits_layer(model: nn.Module) -> nn.Conv2d:
 
 
 def model_from_checkpoint(state: dict) -> nn.Module:
-    """The inference model of a checkpoint: weights loaded, ``logit_bias`` (if any) folded into the logits layer.
+    """The inference model of a checkpoint: weights loaded, batch norm (if trained with it) folded into the
+    convs (``fold_batch_norm``), ``logit_bias`` (if any) folded into the logits layer.
 
     A run trained with class-weighted loss stores ``logit_bias`` ``(C,)`` = ``-prior_correction * log(weight)``:
     adding it to the logits undoes that share of the weighting's shift towards rare classes. Folding it into
@@ -512,6 +561,7 @@ def model_from_checkpoint(state: dict) -> nn.Module:
     """
     model = model_from_config(state["model_config"])
     model.load_state_dict(state["model"])
+    model = fold_batch_norm(model.eval())
     bias = state.get("logit_bias")
     if bias is not None:
         head = logits_layer(model)

@@ -40,7 +40,7 @@ from .config import TrainConfig, load_run_config, read_yaml, resolve_config, sav
 from .errors import UnetsegError
 from .losses import LossFn, class_weights, make_loss, prior_correction_bias, softmax_loss
 from .metrics import confusion_matrix, mean_iou, pixel_accuracy
-from .model import build_model, check_lab_size, crop_like, forward_full, paper_output_size
+from .model import build_model, check_lab_size, crop_like, fold_batch_norm, forward_full, paper_output_size
 from .runtime import (
     autocast,
     count_fused_conv_relu,
@@ -229,7 +229,10 @@ def _ema_update(decay: float, warmup: str = "tf"):
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
         weight = 1.0 - ema_decay_at(decay, int(n_averaged), warmup)
         for avg, cur in zip(averaged, current, strict=True):
-            avg.lerp_(cur, weight)
+            if avg.is_floating_point():
+                avg.lerp_(cur, weight)
+            else:  # batch norm's step counter: averaging a count means nothing
+                avg.copy_(cur)
 
     return update
 
@@ -599,7 +602,11 @@ def train(config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
     atomic_write_text(run_dir / "split.json", json.dumps(run.split.to_dict(), indent=1) + "\n")
     save_yaml({"settings": cfg.to_dict(), "environment": _environment(run), "data": _data_facts(run)},
               run_dir / "config.yaml")
-    print(f"training {cfg.arch} U-Net ({sum(p.numel() for p in run.model.parameters()):,} parameters) on "
+    n_params = f"{sum(p.numel() for p in run.model.parameters()):,} parameters"
+    if cfg.batch_norm:
+        served = sum(p.numel() for p in fold_batch_norm(run.model).parameters())
+        n_params += f" with batch norm; checkpoints serve {served:,}, each batch norm folded into its conv"
+    print(f"training {cfg.arch} U-Net ({n_params}) on "
           f"{len(run.train_images)} frames, validating on {len(run.val_images)} from held-out sequences; "
           f"{run.precision} on {run.device} with {torch.get_num_threads()} threads", flush=True)
     total_steps = run.steps_per_epoch * cfg.epochs
