@@ -16,10 +16,13 @@ on a subset of these (what ``unetseg train`` and the benchmark's bf16/auto modes
              as ``model.wgrad_onednn_min_taps_bytes`` has it on AMX CPUs; without it, the taps GEMM everywhere
   convrelu   each conv + ReLU as one oneDNN primitive with autograd's own gradients (``runtime.fuse_conv_relu``,
              session 15) instead of a conv and a separate in-place ReLU
+  batchnorm  batch norm after each 3x3 conv (``batch_norm=True``, as the default recipe trains since session
+             17; conv and ReLU then stay apart, as ``unetseg train`` runs it)
   lovasz     the loss plus ``losses.lovasz_softmax`` (``--set lovasz``: what a "+lovasz" loss costs; the
              random targets hold all 23 classes, real batches ~15-18)
 
-Usage: python benchmarks/train_step_ab.py [--set wgrad|convrelu|deconv|session4|session4-total|session3|lovasz]
+Usage: python benchmarks/train_step_ab.py
+       [--set wgrad|convrelu|deconv|session4|session4-total|session3|lovasz|batchnorm]
        [--rounds 7] [--steps 4] [--threads 2] [--batch-size 32] [--size 96 128] [--loss ce|ce+dice]
 (the default recipe's step: ``--batch-size 8 --size 128 160 --loss ce+dice``)
 """
@@ -84,6 +87,11 @@ SETS = {
         "shipped step": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8"},
         "+lovasz": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8", "lovasz"},
     },
+    # session 17: the shipped step without batch norm, then with it (what the default recipe's step costs)
+    "batchnorm": {
+        "no batch norm": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8"},
+        "+batchnorm": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8", "batchnorm"},
+    },
 }
 
 
@@ -96,7 +104,8 @@ def _plain_transposed_conv(self: ConvTranspose2dSame, x: torch.Tensor, output_si
 
 def _model(items: set[str]) -> nn.Module:
     torch.manual_seed(0)
-    model = build_model("lab", n_classes=23).to(memory_format=torch.channels_last).train()
+    model = build_model("lab", n_classes=23, batch_norm="batchnorm" in items)
+    model = model.to(memory_format=torch.channels_last).train()
     for mod in model.modules():
         if isinstance(mod, ConvTranspose2dSame) and "deconv" not in items:
             mod.forward = types.MethodType(_plain_transposed_conv, mod)

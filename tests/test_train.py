@@ -47,6 +47,17 @@ def test_default_recipe_predicts_at_two_scales() -> None:
     assert resolve_config(recipe="lab").predict_scales == [1.0]  # the lab predicts once, at 96x128
 
 
+def test_batch_norm_flag_overrides_the_recipe() -> None:
+    from unetseg.cli import build_parser
+    from unetseg.config import config_from_args
+
+    assert resolve_config(recipe="default").batch_norm and not resolve_config(recipe="lab").batch_norm
+    parse = build_parser().parse_args
+    assert not config_from_args(parse(["train", "--recipe", "default", "--no-batch-norm"])).batch_norm
+    assert config_from_args(parse(["train", "--recipe", "lab", "--batch-norm"])).batch_norm
+    assert config_from_args(parse(["train", "--recipe", "default"])).batch_norm  # no flag: the recipe's
+
+
 def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("recipe: lab\nepochs: 7\nlr: 0.01\n")
