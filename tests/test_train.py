@@ -277,11 +277,13 @@ def test_grad_clip_bounds_the_step() -> None:
 
 
 @pytest.mark.slow
-def test_batch_norm_run_with_ema_serves_the_plain_network(scenes: Path, tmp_path: Path) -> None:
+def test_batch_norm_run_with_ema_serves_the_plain_network(scenes: Path, tmp_path: Path, capsys) -> None:
     from unetseg.model import model_from_checkpoint, model_from_config
 
     out = tmp_path / "bn"
     train(**{**TINY_TRAIN, "batch_norm": True, "ema": 0.9}, data=str(scenes), out=str(out))
+    plain = sum(p.numel() for p in build_model("lab", base_filters=8, depth=2).parameters())
+    assert f"checkpoints serve {plain:,}" in capsys.readouterr().out
     state = load_checkpoint(out / "best.pt")
     assert state["model_config"]["batch_norm"]  # the checkpoint holds what was trained (and resumes it)
     trained = model_from_config(state["model_config"])

@@ -105,7 +105,7 @@ def _require_onednn_int8() -> None:
 
 @dataclass
 class _Plan:
-    """A U-Net as the int8 path walks it: fp32 copies of its convs (batch norm folded in), whether each encoder
+    """A U-Net as the int8 path walks it: its convs (from an fp32 copy, batch norm folded in), whether each encoder
     block pools, transposed convs rewritten as conv + pixel shuffle. ``tail``: the convs after the last decoder
     level, ReLU after all but the last (lab: ``conv9``, ``conv10``; paper: ``head``)."""
 
@@ -115,14 +115,10 @@ class _Plan:
     crop_skips: bool  # the paper's crop-and-concatenate
 
 
-def _copy(conv: nn.Conv2d) -> nn.Conv2d:
-    return copy.deepcopy(conv).float().eval()
-
-
 def _double_conv(seq: nn.Sequential) -> tuple[nn.Conv2d, nn.Conv2d]:
     """The two convs of a ``model._double_conv`` without batch norm (conv, ReLU, conv, ReLU)."""
     layers = list(seq)
-    convs = [_copy(m) for m in layers if isinstance(m, nn.Conv2d)]
+    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
     if len(convs) != 2 or not isinstance(layers[-1], nn.ReLU):
         raise UnetsegError(f"not a double conv block of a unetseg U-Net: {seq}")
     return convs[0], convs[1]
@@ -134,16 +130,17 @@ def _plan(model: nn.Module) -> _Plan:
 
     if not isinstance(model, (UNet, PaperUNet)):
         raise UnetsegError(f"int8 through oneDNN takes a unetseg UNet or PaperUNet, not {type(model).__name__}")
-    # A CPU fp32 copy in eval mode, batch norm folded: the caller's model keeps its device, dtype and mode.
+    # The plan's convs belong to a CPU fp32 copy in eval mode, batch norm folded: the caller's model keeps its
+    # device, dtype and mode.
     model = fold_batch_norm(copy.deepcopy(model).float().cpu().eval())
     encoder = [(*_double_conv(b.convs), b.pool is not None) for b in model.encoder]
     if isinstance(model, UNet):
         decoder = [(ConvTransposeAsConvShuffle(b.up), *_double_conv(b.convs)) for b in model.decoder]
-        tail = [_copy(model.conv9), _copy(model.conv10)]
+        tail = [model.conv9, model.conv10]
     else:
         decoder = [(ConvTransposeAsConvShuffle(up), *_double_conv(convs))
                    for up, convs in zip(model.ups, model.decoder, strict=True)]
-        tail = [_copy(model.head)]
+        tail = [model.head]
     return _Plan(encoder, decoder, tail, crop_skips=isinstance(model, PaperUNet))
 
 

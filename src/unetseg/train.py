@@ -40,7 +40,7 @@ from .config import TrainConfig, load_run_config, read_yaml, resolve_config, sav
 from .errors import UnetsegError
 from .losses import LossFn, class_weights, make_loss, prior_correction_bias, softmax_loss
 from .metrics import confusion_matrix, mean_iou, pixel_accuracy
-from .model import build_model, check_lab_size, crop_like, fold_batch_norm, forward_full, paper_output_size
+from .model import build_model, check_lab_size, count_parameters, crop_like, forward_full, paper_output_size
 from .runtime import (
     autocast,
     count_fused_conv_relu,
@@ -602,9 +602,11 @@ def train(config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
     atomic_write_text(run_dir / "split.json", json.dumps(run.split.to_dict(), indent=1) + "\n")
     save_yaml({"settings": cfg.to_dict(), "environment": _environment(run), "data": _data_facts(run)},
               run_dir / "config.yaml")
-    n_params = f"{sum(p.numel() for p in run.model.parameters()):,} parameters"
+    n_params = f"{count_parameters(run.model):,} parameters"
     if cfg.batch_norm:
-        served = sum(p.numel() for p in fold_batch_norm(run.model).parameters())
+        # Folding trades each batch norm's scale and shift (2 per channel) for its conv's bias (1 per channel).
+        bn_channels = sum(m.num_features for m in run.model.modules() if isinstance(m, nn.BatchNorm2d))
+        served = count_parameters(run.model) - bn_channels
         n_params += f" with batch norm; checkpoints serve {served:,}, each batch norm folded into its conv"
     print(f"training {cfg.arch} U-Net ({n_params}) on "
           f"{len(run.train_images)} frames, validating on {len(run.val_images)} from held-out sequences; "
