@@ -198,3 +198,36 @@ def test_class_mix_pastes_half_of_the_partners_classes_with_their_pixels() -> No
     assert torch.equal(same[0], images) and torch.equal(same[1], masks)
     one = class_mix(images[:1], masks[:1], 1.0)
     assert torch.equal(one[1], masks[:1])
+
+
+def test_rare_paste_copies_the_rare_pixels_of_one_other_sample_and_nothing_else() -> None:
+    from unetseg.data import rare_paste
+
+    masks = torch.zeros(3, 8, 8, dtype=torch.long)  # class 0 everywhere: common
+    masks[1, 2, 1:3] = 5  # sample 1: a rare object at the left (class 5)
+    masks[2, 6, 5] = 7  # sample 2: a rare object at the right (class 7)
+    masks[2, :2] = 3  # and a common class 3, never pasted
+    images = (masks.float() / 10).unsqueeze(1).repeat(1, 3, 1, 1)  # each pixel's value names its class
+    rare = torch.zeros(10, dtype=torch.bool)
+    rare[[5, 7]] = True
+    before = images.clone(), masks.clone()
+    out_x, out_m = rare_paste(images, masks, 1.0, rare, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(images, before[0]) and torch.equal(masks, before[1])  # inputs untouched
+    assert torch.equal((out_x[:, 0] * 10).round().long(), out_m)  # image and mask stay aligned
+    for i in range(3):
+        changed = out_m[i] != masks[i]
+        assert set(out_m[i][changed].tolist()) <= {5, 7}  # only rare classes are pasted
+        # every rare pixel of exactly one other sample arrives, mirrored or not (rows 2 and 6 hold no rare
+        # pixel of the receiving sample's own, so none is hidden)
+        from_one = [int(rare[masks[j]].sum()) for j in range(3) if j != i]
+        assert int(changed.sum()) in from_one and set(out_m[i][changed].tolist()) in (set(), {5}, {7})
+        assert torch.equal(out_m[i][~changed], masks[i][~changed])
+    assert (out_m[:2] == 3).sum() == 0  # class 3 of sample 2 is common: never pasted
+    many = rare_paste(images.repeat(8, 1, 1, 1), masks.repeat(8, 1, 1), 1.0, rare,
+                      generator=torch.Generator().manual_seed(1))[1]
+    mirrored = many[:, 2, 5:7] == 5  # sample 1's object mirrored (columns 1-2 become 5-6)
+    assert mirrored.all(1).any() and (many[:, 2, 1:3] == 5).all(1).any()  # both orientations occur
+    same = rare_paste(images, masks, 0.0, rare, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(same[0], images) and torch.equal(same[1], masks)
+    none = rare_paste(images, masks, 1.0, torch.zeros(10, dtype=torch.bool))
+    assert torch.equal(none[1], masks)

@@ -73,6 +73,7 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
      ({"loss": "focal"}, "ce, ce\\+dice, ce\\+lovasz"), ({"lovasz_from": 1.0}, "lovasz_from 1.0"),
      ({"predict_scales": []}, "predict_scales"), ({"predict_scales": [0.6, 0]}, "predict_scales"),
      ({"predict_scales": 0.6}, "predict_scales \\S+ must be a list"), ({"class_mix": 1.5}, "class_mix 1.5"),
+     ({"rare_paste": 1.5}, "rare_paste 1.5"), ({"rare_paste_below": 0}, "rare_paste_below 0 must be in \\(0, 1\\)"),
      ({"run_balance": -0.5}, "run_balance -0.5 must be in \\[0, 1\\]")],
 )
 def test_bad_settings_are_named(overrides: dict, message: str) -> None:
@@ -542,3 +543,40 @@ def test_ema_warmup_is_checked() -> None:
 
     with pytest.raises(UnetsegError, match="ema_warmup 'swa' must be one of tf, debiased"):
         resolve_config(overrides={"ema_warmup": "swa"})
+
+
+@pytest.mark.slow
+def test_rare_paste_runs_on_every_training_batch_with_the_runs_rare_classes(scenes: Path, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    import unetseg.data as data
+
+    calls: list[tuple[int, float, list[int]]] = []
+    paste = data.rare_paste
+
+    def spy(images, masks, probability, rare, generator=None):
+        calls.append((images.shape[0], probability, torch.nonzero(rare).flatten().tolist()))
+        out = paste(images, masks, probability, rare, generator=generator)
+        assert out[0].shape == images.shape and out[1].shape == masks.shape
+        return out
+
+    monkeypatch.setattr(data, "rare_paste", spy)
+    out = tmp_path / "run"
+    train(**{**TINY_TRAIN, "rare_paste": 0.5, "rare_paste_below": 0.05, "epochs": 1}, data=str(scenes), out=str(out))
+    split = json.loads((out / "split.json").read_text())
+    assert sum(b for b, _, _ in calls) == len(split["train_idx"]) and {p for _, p, _ in calls} == {0.5}
+    # the rare classes are those with under 5 % of the training pixels
+    from unetseg.data import find_pairs, read_mask
+
+    pairs, layout = find_pairs(scenes, "auto")
+    counts = torch.zeros(256, dtype=torch.long)
+    for k in split["train_idx"]:
+        counts += torch.bincount(torch.from_numpy(read_mask(pairs[k].mask, layout).astype("int64")).flatten(),
+                                 minlength=256)
+    # (shares at the frames' own size; training resizes them, nearest, which moves shares a little)
+    share = counts.double() / counts.sum()
+    rare = calls[0][2]
+    assert rare and all(0 < share[c] < 0.06 for c in rare)  # the generated scenes have rare classes
+    assert all(share[c] > 0.04 for c in torch.nonzero(share).flatten().tolist() if c not in rare)
+    calls.clear()
+    train(**{**TINY_TRAIN, "epochs": 1}, data=str(scenes), out=str(tmp_path / "plain"))
+    assert calls == []  # off by default

@@ -52,6 +52,10 @@ class TrainConfig:
     hue_jitter: float = 0.0  # random hue turn of up to this share of a full turn either way (0.1: +-36 degrees)
     rare_crops: float = 0.0  # share of training crops centred on a pixel of a rare class (needs crop)
     class_mix: float = 0.0  # share of training samples given half the classes of another sample (ClassMix)
+    # share of training samples given the rare-class pixels of the other samples of their batch, where a
+    # class is rare with under rare_paste_below of the training pixels (copy-paste for small objects)
+    rare_paste: float = 0.0
+    rare_paste_below: float = 0.01
     # a training frame is drawn with weight (frames in its sequence) ** -run_balance: 0 shows every frame once
     # per epoch; 1 shows every sequence (driving run) equally often, frames drawn with replacement
     run_balance: float = 0.0
@@ -157,6 +161,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.val_every >= 1, f"val_every {cfg.val_every} must be at least 1"),
         (0 <= cfg.rare_crops <= 1, f"rare_crops {cfg.rare_crops} must be in [0, 1]"),
         (0 <= cfg.class_mix <= 1, f"class_mix {cfg.class_mix} must be in [0, 1]"),
+        (0 <= cfg.rare_paste <= 1, f"rare_paste {cfg.rare_paste} must be in [0, 1]"),
+        (0 < cfg.rare_paste_below < 1, f"rare_paste_below {cfg.rare_paste_below} must be in (0, 1) (a pixel share)"),
         (0 <= cfg.hue_jitter <= 0.5, f"hue_jitter {cfg.hue_jitter} must be in [0, 0.5] (a share of a full turn)"),
         (0 <= cfg.run_balance <= 1, f"run_balance {cfg.run_balance} must be in [0, 1] (0: uniform, 1: per sequence)"),
         (cfg.arch in ("lab", "paper"), f"--arch {cfg.arch!r} must be lab or paper"),

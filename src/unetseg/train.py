@@ -371,7 +371,7 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    from .data import augment_batch, class_mix, rare_class_centers
+    from .data import augment_batch, class_mix, rare_class_centers, rare_paste
 
     cfg = run.cfg
     g = _epoch_generator(cfg.seed, epoch)
@@ -393,6 +393,9 @@ def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
             )
         if cfg.class_mix > 0:
             x, y = class_mix(x, y, cfg.class_mix, generator=g)
+        if cfg.rare_paste > 0:
+            share = run.class_pixels.double() / run.class_pixels.sum()
+            x, y = rare_paste(x, y, cfg.rare_paste, (share > 0) & (share < cfg.rare_paste_below), generator=g)
         yield x.to(run.device).contiguous(memory_format=fmt), y.to(run.device)
 
 

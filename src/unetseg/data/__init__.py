@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .augment import augment_batch, class_mix, jitter_colors, rare_class_centers
+from .augment import augment_batch, class_mix, jitter_colors, rare_class_centers, rare_paste
 from .check import CheckReport, check_folder
 from .dataset import RESIZE_MODES, SegmentationData, load_dataset, nearest_indices, resize_image, resize_mask
 from .layouts import (
@@ -35,7 +35,7 @@ __all__ = [
     "LAYOUTS", "LAYOUT_CHOICES", "RESIZE_MODES", "CheckReport", "Pair", "Palette", "Scan",
     "SegmentationData", "Split", "augment_batch", "check_folder", "class_mix", "detect_layout", "find_pairs",
     "jitter_colors", "list_images", "load_dataset", "load_palette", "nearest_indices", "read_image",
-    "rare_class_centers", "read_mask", "resize_image", "resize_mask", "scan_folder", "sequence_groups",
+    "rare_class_centers", "rare_paste", "read_mask", "resize_image", "resize_mask", "scan_folder", "sequence_groups",
     "split_by_sequence",
     "synth_dataset",
 ]

@@ -205,3 +205,35 @@ def class_mix(images: torch.Tensor, masks: torch.Tensor, probability: float,
         out_images[i] = torch.where(paste, images[j], images[i])
         out_masks[i] = torch.where(paste, masks[j], masks[i])
     return out_images, out_masks
+
+
+def rare_paste(images: torch.Tensor, masks: torch.Tensor, probability: float, rare: torch.Tensor,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paste the rare-class pixels of another sample onto a sample (copy-paste for small, rare objects).
+
+    With ``probability`` per sample ``i``, a random other sample of the batch gives its pixels whose label
+    is a rare class (``rare``: ``(C,)`` bool, e.g. the classes with under 1 % of the training pixels),
+    mirrored left-right with p = 0.5, and they replace sample ``i``'s image and mask pixels. Poles, signs,
+    lights, vehicles and pedestrians keep their exact outlines and labels and appear in front of other
+    scenes, so they are learnt apart from the few driving runs that show them; unlike ``class_mix``, the
+    large classes keep their own scene. ``images``: ``(B, 3, H, W)``; ``masks``: ``(B, H, W)`` int64;
+    returns new tensors of the same shapes (the inputs are not modified). A batch of one is returned
+    unchanged.
+    """
+    b = images.shape[0]
+    if probability <= 0 or b < 2 or not bool(rare.any()):
+        return images, masks
+    draws = torch.rand(b, generator=generator)
+    sources = (torch.arange(b) + 1 + torch.randint(b - 1, (b,), generator=generator)) % b  # never i itself
+    flips = torch.rand(b, generator=generator) < 0.5
+    rare = rare.to(masks.device)
+    out_images, out_masks = images.clone(), masks.clone()
+    for i in range(b):
+        if draws[i] >= probability:
+            continue
+        j = int(sources[i])
+        src_image, src_mask = (images[j].flip(-1), masks[j].flip(-1)) if flips[i] else (images[j], masks[j])
+        paste = rare[src_mask]
+        out_images[i] = torch.where(paste, src_image, images[i])
+        out_masks[i] = torch.where(paste, src_mask, masks[i])
+    return out_images, out_masks
