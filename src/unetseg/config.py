@@ -52,7 +52,7 @@ class TrainConfig:
     hue_jitter: float = 0.0  # random hue turn of up to this share of a full turn either way (0.1: +-36 degrees)
     rare_crops: float = 0.0  # share of training crops centred on a pixel of a rare class (needs crop)
     class_mix: float = 0.0  # share of training samples given half the classes of another sample (ClassMix)
-    # share of training samples given the rare-class pixels of the other samples of their batch, where a
+    # share of training samples given the rare-class pixels of another sample of their batch, where a
     # class is rare with under rare_paste_below of the training pixels (copy-paste for small objects)
     rare_paste: float = 0.0
     rare_paste_below: float = 0.01
