@@ -17,21 +17,21 @@ import copy
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unetseg.checkpoint import load_checkpoint, save_checkpoint
 from unetseg.data import find_pairs, read_image, resize_image
 from unetseg.evaluate import evaluate
 from unetseg.model import model_from_config
+from unetseg.predict import scaled_size
 
 
-def recalibrate(model: nn.Module, frames: torch.Tensor, scales: list[float], batch: int = 8) -> None:
-    """Replace each batch norm's running mean/var by its exact average over ``frames (N, 3, H, W)`` (0-1)
-    predicted at each of ``scales``, the weights unchanged."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for bn in norms:
+def recalibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """Replace each batch norm's running mean/var by its exact average over ``batches`` (each ``(N, 3, H, W)``,
+    0-1), the weights unchanged."""
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all batches
     model.train()
@@ -39,16 +39,17 @@ def recalibrate(model: nn.Module, frames: torch.Tensor, scales: list[float], bat
         if isinstance(m, nn.Dropout):
             m.eval()
     with torch.no_grad():
-        for scale in scales:
-            for i in range(0, len(frames), batch):
-                x = frames[i : i + batch]
-                if scale != 1.0:
-                    h, w = x.shape[-2:]
-                    # the sizes the predictor uses: multiples of 16 nearest to the scaled frame
-                    size = (max(16, round(h * scale / 16) * 16), max(16, round(w * scale / 16) * 16))
-                    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-                model(x)
+        for x in batches:
+            model(x)
     model.eval()
+
+
+def frame_batches(images: list[np.ndarray], size: tuple[int, int], mode: str, scale: float,
+                  batch: int = 8) -> list[torch.Tensor]:
+    """``images`` (HWC uint8) resized as the predictor runs them at ``scale`` (``predict.scaled_size``), in batches."""
+    target = scaled_size(size, scale)
+    x = torch.stack([torch.tensor(resize_image(im, target, mode)).permute(2, 0, 1) for im in images]).float() / 255
+    return list(x.split(batch))
 
 
 def main() -> None:
@@ -68,8 +69,7 @@ def main() -> None:
         sample = train_pairs[:: max(1, len(train_pairs) // args.frames)][: args.frames]
         size = tuple(state["preprocess"]["size"])
         mode = state["preprocess"].get("resize_mode", "default")
-        frames = torch.stack([torch.from_numpy(resize_image(read_image(pair.image), size, mode)).permute(2, 0, 1)
-                              for pair in sample]).float() / 255
+        images = [read_image(pair.image) for pair in sample]
         scales = list(state["preprocess"].get("predict_scales") or [1.0])
         model = model_from_config(state["model_config"])
         model.load_state_dict(state["model"])
@@ -79,7 +79,7 @@ def main() -> None:
                 trial = copy.deepcopy(state)
                 if estimate_scales is not None:
                     net = copy.deepcopy(model)
-                    recalibrate(net, frames, estimate_scales)
+                    recalibrate(net, [b for sc in estimate_scales for b in frame_batches(images, size, mode, sc)])
                     trial["model"] = net.state_dict()
                 path = Path(tmp) / f"{label}.pt"
                 save_checkpoint(trial, path)

@@ -377,6 +377,8 @@ def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
     g = _epoch_generator(cfg.seed, epoch)
     order = epoch_order(len(run.train_images), run.frame_weights, g)
     fmt = memory_format(run.device)
+    share = run.class_pixels.double() / run.class_pixels.sum()
+    rare = (share > 0) & (share < cfg.rare_paste_below)  # the classes rare_paste copies
     for s in range(0, len(order), cfg.batch_size):
         idx = order[s : s + cfg.batch_size]
         x = run.train_images[idx].float().div_(255)
@@ -394,8 +396,7 @@ def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
         if cfg.class_mix > 0:
             x, y = class_mix(x, y, cfg.class_mix, generator=g)
         if cfg.rare_paste > 0:
-            share = run.class_pixels.double() / run.class_pixels.sum()
-            x, y = rare_paste(x, y, cfg.rare_paste, (share > 0) & (share < cfg.rare_paste_below), generator=g)
+            x, y = rare_paste(x, y, cfg.rare_paste, rare, generator=g)
         yield x.to(run.device).contiguous(memory_format=fmt), y.to(run.device)
 
 
