@@ -392,11 +392,16 @@ def test_training_optimizers_are_fused_and_match_the_loop() -> None:
     torch.manual_seed(0)
     nets = [build_model("lab", n_classes=3, base_filters=4, depth=2) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
-    for name in ("adam", "adamw"):
+    for name in ("adam", "adamw", "sgd"):
         fused = make_optimizer(name, nets[0], 1e-2, 1e-4)
         assert fused.defaults["fused"] is True
         d = fused.defaults
-        loop = type(fused)(nets[1].parameters(), lr=d["lr"], eps=d["eps"], weight_decay=d["weight_decay"])
+        if name == "sgd":
+            assert (d["momentum"], d["nesterov"]) == (0.9, True)
+            loop = torch.optim.SGD(nets[1].parameters(), lr=d["lr"], momentum=0.9, nesterov=True,
+                                   weight_decay=d["weight_decay"], foreach=False)
+        else:
+            loop = type(fused)(nets[1].parameters(), lr=d["lr"], eps=d["eps"], weight_decay=d["weight_decay"])
         for _ in range(3):
             for net in nets:
                 for p in net.parameters():

@@ -74,7 +74,8 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
      ({"predict_scales": []}, "predict_scales"), ({"predict_scales": [0.6, 0]}, "predict_scales"),
      ({"predict_scales": 0.6}, "predict_scales \\S+ must be a list"), ({"class_mix": 1.5}, "class_mix 1.5"),
      ({"rare_paste": 1.5}, "rare_paste 1.5"), ({"rare_paste_below": 0}, "rare_paste_below 0 must be in \\(0, 1\\)"),
-     ({"run_balance": -0.5}, "run_balance -0.5 must be in \\[0, 1\\]")],
+     ({"run_balance": -0.5}, "run_balance -0.5 must be in \\[0, 1\\]"),
+     ({"optimizer": "lamb"}, "optimizer 'lamb' must be adam, adamw or sgd"), ({"momentum": 1.0}, "momentum 1.0")],
 )
 def test_bad_settings_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(UnetsegError, match=message):
@@ -156,6 +157,17 @@ def test_short_training_learns_and_writes_run_files(scenes: Path, tmp_path: Path
     state = torch.load(out / "best.pt", weights_only=True)
     assert state["model_config"]["arch"] == arch and len(state["classes"]["names"]) == 23
     assert state["preprocess"]["size"] == size and state["preprocess"]["predict_scales"] == [1.0]
+
+
+@pytest.mark.slow
+def test_sgd_with_one_cycle_and_batch_norm_learns(scenes: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(**{**TINY_TRAIN, "data": str(scenes), "out": str(out), "epochs": 4, "optimizer": "sgd", "lr": 0.05,
+             "schedule": "onecycle", "batch_norm": True, "dropout": 0.0})
+    group = load_checkpoint(out / "last.pt")["optimizer"]["param_groups"][0]
+    assert group["nesterov"] and 0.94 < group["momentum"] <= 0.95  # cycled back up by the schedule, not 0.9
+    losses = [float(r["train_loss"]) for r in _history(out)]
+    assert losses[-1] < 0.8 * losses[0]
 
 
 @pytest.mark.slow

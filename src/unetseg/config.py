@@ -69,7 +69,8 @@ class TrainConfig:
     # optimisation
     epochs: int = 40
     batch_size: int = 32  # global batch
-    optimizer: str = "adam"  # adam | adamw
+    optimizer: str = "adam"  # adam | adamw | sgd
+    momentum: float = 0.9  # sgd only (Nesterov); the one-cycle schedule cycles it over 0.85-0.95 instead
     lr: float = 1e-3
     weight_decay: float = 0.0
     schedule: str = "constant"  # constant | onecycle | cosine
@@ -166,7 +167,8 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.hue_jitter <= 0.5, f"hue_jitter {cfg.hue_jitter} must be in [0, 0.5] (a share of a full turn)"),
         (0 <= cfg.run_balance <= 1, f"run_balance {cfg.run_balance} must be in [0, 1] (0: uniform, 1: per sequence)"),
         (cfg.arch in ("lab", "paper"), f"--arch {cfg.arch!r} must be lab or paper"),
-        (cfg.optimizer in ("adam", "adamw"), f"optimizer {cfg.optimizer!r} must be adam or adamw"),
+        (cfg.optimizer in ("adam", "adamw", "sgd"), f"optimizer {cfg.optimizer!r} must be adam, adamw or sgd"),
+        (0 <= cfg.momentum < 1, f"momentum {cfg.momentum} must be in [0, 1)"),
         (cfg.schedule in ("constant", "onecycle", "cosine"), f"schedule {cfg.schedule!r} is unknown"),
         (cfg.loss in LOSSES, f"loss {cfg.loss!r} must be one of {', '.join(LOSSES)}"),
         (0 <= cfg.lovasz_from < 1, f"lovasz_from {cfg.lovasz_from} must be in [0, 1) (a share of the epochs)"),
