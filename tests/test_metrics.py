@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unetseg.errors import UnetsegError
 from unetseg.losses import class_weights, cross_entropy, dice_loss, lovasz_softmax, make_loss, softmax_loss
@@ -143,6 +144,37 @@ def test_fused_softmax_loss_equals_the_plain_terms(channels_last: bool, dice: bo
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(fused.grad, plain.grad)
     assert correct.item() == (base.argmax(1) == target).sum().item()
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_hard_pixels_averages_the_cross_entropy_over_the_hardest_share_only(weighted: bool) -> None:
+    torch.manual_seed(0)
+    base = torch.randn(2, 5, 6, 7) * 3
+    target = torch.randint(0, 5, (2, 6, 7))
+    weight = torch.rand(5) + 0.5 if weighted else None
+    plain, fused = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    w_t = torch.ones(target.shape) if weight is None else weight[target]
+    per_pixel = F.cross_entropy(plain, target, reduction="none") * w_t
+    hardest = per_pixel.detach().reshape(-1).argsort(descending=True)[: int(0.25 * per_pixel.numel())]
+    keep = torch.zeros(per_pixel.numel(), dtype=torch.bool)
+    keep[hardest] = True
+    keep = keep.view_as(per_pixel)
+    expected = per_pixel[keep].sum() / w_t[keep].sum() + dice_loss(plain, target)
+    expected.backward()
+    loss, correct = softmax_loss(fused, target, weight, dice=True, hard_pixels=0.25)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(fused.grad, plain.grad)
+    assert correct.item() == (base.argmax(1) == target).sum().item()  # the accuracy still counts every pixel
+    # the easy pixels' CE gradient is gone: only Dice reaches them
+    dice_only = base.clone().requires_grad_(True)
+    dice_loss(dice_only, target).backward()
+    easy = ~keep
+    torch.testing.assert_close(fused.grad.permute(0, 2, 3, 1)[easy], dice_only.grad.permute(0, 2, 3, 1)[easy])
+    assert softmax_loss(base, target, weight, hard_pixels=1.0)[0].item() == pytest.approx(
+        cross_entropy(base, target, weight).item())
+    with pytest.raises(UnetsegError, match="hard_pixels 0"):
+        make_loss("ce", 5, hard_pixels=0)
 
 
 def test_fused_softmax_loss_on_bf16_logits_returns_a_bf16_gradient() -> None:

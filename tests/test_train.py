@@ -75,7 +75,8 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
      ({"predict_scales": 0.6}, "predict_scales \\S+ must be a list"), ({"class_mix": 1.5}, "class_mix 1.5"),
      ({"rare_paste": 1.5}, "rare_paste 1.5"), ({"rare_paste_below": 0}, "rare_paste_below 0 must be in \\(0, 1\\)"),
      ({"run_balance": -0.5}, "run_balance -0.5 must be in \\[0, 1\\]"),
-     ({"optimizer": "lamb"}, "optimizer 'lamb' must be adam, adamw or sgd"), ({"momentum": 1.0}, "momentum 1.0")],
+     ({"optimizer": "lamb"}, "optimizer 'lamb' must be adam, adamw or sgd"), ({"momentum": 1.0}, "momentum 1.0"),
+     ({"hard_pixels": 0}, "hard_pixels 0 must be in \\(0, 1\\]")],
 )
 def test_bad_settings_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(UnetsegError, match=message):

@@ -60,7 +60,7 @@ class _FusedSoftmaxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, with_dice: bool, eps: float):  # type: ignore[override]
+    def forward(ctx, logits, target, weight, with_dice: bool, eps: float, hard_pixels: float):  # type: ignore[override]
         # logits: (P, C) or (N, C, H, W); target: the same without dim 1. Work in fp32 on a private copy.
         p = logits.to(torch.float32, copy=True)
         t = target.unsqueeze(1)
@@ -70,11 +70,14 @@ class _FusedSoftmaxLoss(torch.autograd.Function):
         p.exp_()
         z = p.sum(1, keepdim=True)
         log_pt = shifted_t - z.log()
-        if weight is None:
-            coef = torch.full_like(log_pt, 1.0 / log_pt.numel())
-        else:
-            w_t = weight.to(p.dtype)[t]
-            coef = w_t / w_t.sum()
+        w_t = torch.ones_like(log_pt) if weight is None else weight.to(p.dtype)[t]
+        if hard_pixels < 1:
+            # Bootstrapped CE: only the hardest pixels by (weighted) CE count; the choice is not differentiated.
+            per_pixel = -log_pt * w_t
+            n_keep = max(1, int(hard_pixels * per_pixel.numel()))
+            threshold = per_pixel.reshape(-1).topk(n_keep, sorted=False).values.min()
+            w_t = w_t * (per_pixel >= threshold)
+        coef = w_t / w_t.sum()
         loss = -(coef * log_pt).sum()
         p.div_(z)
         a = b = None
@@ -116,7 +119,7 @@ class _FusedSoftmaxLoss(torch.autograd.Function):
             grad = p * (ga + (c_i - dot))
             target_term = -c_i + gb[t] * p_t
         grad.scatter_add_(1, t, target_term)
-        return grad.to(ctx.logits_dtype), None, None, None, None
+        return grad.to(ctx.logits_dtype), None, None, None, None, None
 
 
 def softmax_loss(
@@ -125,15 +128,20 @@ def softmax_loss(
     weight: torch.Tensor | None = None,
     dice: bool = False,
     eps: float = 1.0,
+    hard_pixels: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cross_entropy`` (+ ``dice_loss`` when ``dice``) of ``logits (N, C, H, W)`` and the argmax hits.
+
+    ``hard_pixels`` < 1 makes the cross-entropy a bootstrapped one: the mean over only that share of the
+    pixels, the hardest by (weighted) cross-entropy (online hard example mining; ties at the threshold
+    are all kept). Dice and the hit count still see every pixel.
 
     Returns ``(loss, correct)``: the scalar loss (fp32, differentiable) and the number of pixels whose
     top logit is the target's (an int64 scalar; a pixel whose target ties for the top counts as a hit).
     Any logits dtype or memory format; the arithmetic is fp32.
     """
     rows, target = _class_rows(logits, target)
-    return _FusedSoftmaxLoss.apply(rows, target, weight, dice, eps)
+    return _FusedSoftmaxLoss.apply(rows, target, weight, dice, eps, hard_pixels)
 
 
 def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -200,23 +208,25 @@ def prior_correction_bias(weights: torch.Tensor, strength: float) -> torch.Tenso
 LOSSES = ("ce", "ce+dice", "ce+lovasz", "ce+dice+lovasz")
 
 
-def make_loss(name: str, n_classes: int, weight: torch.Tensor | None = None) -> LossFn:
+def make_loss(name: str, n_classes: int, weight: torch.Tensor | None = None, hard_pixels: float = 1.0) -> LossFn:
     """``ce`` (the lab), ``ce+dice``, ``ce+lovasz`` or ``ce+dice+lovasz`` (terms summed with weight 1);
-    ``weight`` applies to the cross-entropy term.
+    ``weight`` and ``hard_pixels`` (``softmax_loss``) apply to the cross-entropy term.
 
     The function returns ``(loss, correct_pixels)`` (``softmax_loss``), so training gets its pixel
     accuracy from the loss's own softmax.
     """
     if name not in LOSSES:
         raise UnetsegError(f"loss {name!r} is unknown; use one of {', '.join(LOSSES)}")
+    if not 0 < hard_pixels <= 1:
+        raise UnetsegError(f"hard_pixels {hard_pixels} must be in (0, 1] (a share of the pixels; 1: all)")
     if weight is not None and weight.numel() != n_classes:
         raise UnetsegError(f"{weight.numel()} class weights for {n_classes} classes")
     with_dice = "dice" in name
     if "lovasz" not in name:
-        return lambda logits, target: softmax_loss(logits, target, weight, dice=with_dice)
+        return lambda logits, target: softmax_loss(logits, target, weight, dice=with_dice, hard_pixels=hard_pixels)
 
     def loss_with_lovasz(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, correct = softmax_loss(logits, target, weight, dice=with_dice)
+        loss, correct = softmax_loss(logits, target, weight, dice=with_dice, hard_pixels=hard_pixels)
         return loss + lovasz_softmax(logits, target), correct
 
     return loss_with_lovasz
