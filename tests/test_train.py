@@ -370,7 +370,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(scenes: Path, tmp_path: P
     def exploding(logits, target, weight=None):
         return cross_entropy(logits, target, weight) * float("nan")
 
-    monkeypatch.setattr(t, "make_loss", lambda name, n, weight=None: exploding)
+    monkeypatch.setattr(t, "make_loss", lambda name, n, weight=None, hard_pixels=1.0: exploding)
     with pytest.raises(UnetsegError, match="loss became nan at epoch 2"):
         resume(out, epochs=3)
     after = load_checkpoint(out / "last.pt")
