@@ -398,6 +398,7 @@ def test_training_optimizers_are_fused_and_match_the_loop() -> None:
         d = fused.defaults
         if name == "sgd":
             assert (d["momentum"], d["nesterov"]) == (0.9, True)
+            assert make_optimizer("sgd", nets[0], 1e-2, momentum=0.0).defaults["nesterov"] is False
             loop = torch.optim.SGD(nets[1].parameters(), lr=d["lr"], momentum=0.9, nesterov=True,
                                    weight_decay=d["weight_decay"], foreach=False)
         else:

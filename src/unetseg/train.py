@@ -206,8 +206,9 @@ def make_optimizer(
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, eps=1e-7, weight_decay=weight_decay, fused=fused)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay,
-                               fused=fused)
+        # torch refuses Nesterov without momentum; momentum 0 is then plain SGD
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
+                               weight_decay=weight_decay, fused=fused)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
