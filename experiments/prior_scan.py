@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scale_scan import val_frames  # experiments/ is on sys.path when a script here runs
 
-from unetseg.data import find_pairs, read_image, read_mask
 from unetseg.metrics import confusion_matrix, mean_iou
 from unetseg.predict import Predictor, load_model_file
 
@@ -34,11 +34,7 @@ def scan(run: str, data: str, strengths: list[float], scales: list[float] | None
         raise SystemExit(f"{run}: no prior correction stored, nothing to rescale")
     bias = torch.as_tensor(state["logit_bias"], dtype=torch.float32).view(1, -1, 1, 1)
     scales = scales or list(state["config"]["predict_scales"])
-    pairs, layout = find_pairs(data, "auto")
-    keep = set(state["val_names"])
-    pairs = [pair for pair in pairs if pair.name in keep]
-    images = [read_image(pair.image) for pair in pairs]
-    masks = torch.from_numpy(np.stack([read_mask(pair.mask, layout) for pair in pairs])).long()
+    images, masks = val_frames(state, data)
     out_size = tuple(masks.shape[-2:])
     logits = []
     for s in scales:
@@ -55,7 +51,7 @@ def scan(run: str, data: str, strengths: list[float], scales: list[float] | None
             prob = sum((lg[i : i + 8].float() + shift).softmax(1) for lg in logits)
             cm += confusion_matrix(prob.argmax(1), masks[i : i + 8], n)
         scores[f"{strength:g}"] = mean_iou(cm)
-    return {"run": run, "stored_strength": stored, "scales": scales, "frames": len(pairs), "mean_iou": scores}
+    return {"run": run, "stored_strength": stored, "scales": scales, "frames": len(images), "mean_iou": scores}
 
 
 def main() -> None:

@@ -24,6 +24,15 @@ from unetseg.metrics import confusion_matrix, mean_iou
 from unetseg.predict import Predictor, load_model_file
 
 
+def val_frames(state: dict, data: str) -> tuple[list[np.ndarray], torch.Tensor]:
+    """The checkpoint's validation frames in ``data``: HWC uint8 images and ``(N, H, W)`` int64 masks."""
+    pairs, layout = find_pairs(data, "auto")
+    keep = set(state["val_names"])
+    pairs = [pair for pair in pairs if pair.name in keep]
+    images = [read_image(pair.image) for pair in pairs]
+    return images, torch.from_numpy(np.stack([read_mask(pair.mask, layout) for pair in pairs])).long()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
@@ -33,11 +42,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     state = load_model_file(args.checkpoint)
-    pairs, layout = find_pairs(args.data, "auto")
-    keep = set(state["val_names"])
-    pairs = [pair for pair in pairs if pair.name in keep]
-    images = [read_image(pair.image) for pair in pairs]
-    masks = torch.from_numpy(np.stack([read_mask(pair.mask, layout) for pair in pairs])).long()
+    images, masks = val_frames(state, args.data)
     out_size = tuple(masks.shape[-2:])
     probs = {}
     for s in args.scales:
@@ -54,7 +59,7 @@ def main() -> None:
     for name, v in scores.items():
         print(f"{name:<28} {v:.4f}")
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint": args.checkpoint, "frames": len(pairs), "mean_iou": scores},
+        args.json.write_text(json.dumps({"checkpoint": args.checkpoint, "frames": len(images), "mean_iou": scores},
                                         indent=1) + "\n")
 
 
