@@ -23,7 +23,7 @@ from unetseg.data import load_dataset
 from unetseg.errors import UnetsegError
 from unetseg.losses import cross_entropy
 from unetseg.model import build_model, forward_full
-from unetseg.train import epoch_order, resume, run_balanced_weights, train, train_step
+from unetseg.train import epoch_order, plan_epochs, resume, run_balanced_weights, train, train_step
 
 
 def _history(run: Path) -> list[dict[str, str]]:
@@ -169,6 +169,73 @@ def test_sgd_with_one_cycle_and_batch_norm_learns(scenes: Path, tmp_path: Path) 
     assert group["nesterov"] and 0.94 < group["momentum"] <= 0.95  # cycled back up by the schedule, not 0.9
     losses = [float(r["train_loss"]) for r in _history(out)]
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_plan_epochs_fits_the_budget_with_its_validations() -> None:
+    # 1 epoch done in 120 s; 100 s per epoch, 25 s per validation (every 4th and the last), 56 min:
+    # 31 epochs take 120 + 30 * 100 + 8 * 25 = 3320 s, 32 would take 3420 s.
+    assert plan_epochs(40, 4, done=1, elapsed_s=120, epoch_s=100, val_s=25, budget_s=56 * 60) == 31
+    assert plan_epochs(40, 1, done=1, elapsed_s=120, epoch_s=100, val_s=25, budget_s=56 * 60) == 26
+    assert plan_epochs(40, 4, done=1, elapsed_s=120, epoch_s=100, val_s=25, budget_s=10_000) == 40  # all fit
+    assert plan_epochs(40, 4, done=1, elapsed_s=120, epoch_s=100, val_s=25, budget_s=200) == 1  # none more
+
+
+def _one_cycle_lrs(max_lr: float, total_steps: int, pct_start: float) -> list[float]:
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=max_lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)
+    lrs = []
+    for _ in range(total_steps):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+@pytest.mark.slow
+def test_time_budget_replans_the_epochs_and_their_schedule(scenes: Path, tmp_path: Path, monkeypatch) -> None:
+    train_module = sys.modules["unetseg.train"]  # `unetseg.train` the attribute is the function
+    seen: dict = {}
+
+    def plan(epochs, val_every, done, elapsed_s, epoch_s, val_s, budget_s):
+        seen.update(epochs=epochs, done=done, epoch_s=epoch_s, val_s=val_s, budget_s=budget_s)
+        return 2  # as if 2 of the 4 epochs fitted
+
+    monkeypatch.setattr(train_module, "plan_epochs", plan)
+    out = tmp_path / "run"
+    settings = {**TINY_TRAIN, "epochs": 4, "optimizer": "sgd", "lr": 0.05, "schedule": "onecycle",
+                "warmup_fraction": 0.3, "val_every": 4, "time_budget": 600}
+    summary = train(**settings, data=str(scenes), out=str(out))
+    assert seen["epochs"] == 4 and seen["done"] == 1 and seen["budget_s"] == 36_000
+    assert seen["epoch_s"] > 0 and seen["val_s"] > 0  # epoch 1 validated to time a validation
+    assert summary["epochs"] == 2 and not summary["stopped_early"]
+    history = _history(out)
+    assert len(history) == 2 and all(r["val_miou"] != "nan" for r in history)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["settings"]["epochs"] == 2
+    assert saved["time_budget_plan"]["planned_epochs"] == 4 and saved["time_budget_plan"]["epochs"] == 2
+    # From epoch 2 on the run follows the one-cycle schedule of a 2-epoch plan, and ends it annealed.
+    steps = -(-len(json.loads((out / "split.json").read_text())["train_idx"]) // TINY_TRAIN["batch_size"])
+    planned_for_two = _one_cycle_lrs(0.05, 2 * steps, 0.3)
+    assert float(history[0]["lr"]) == pytest.approx(planned_for_two[steps - 1], rel=1e-5)
+    assert float(history[1]["lr"]) == pytest.approx(planned_for_two[-1], rel=1e-5)
+    floor = 0.05 / 25 / 1e4  # OneCycleLR's default div_factor and final_div_factor
+    assert planned_for_two[-2] == pytest.approx(floor)  # what the last step trained at
+    assert _one_cycle_lrs(0.05, 4 * steps, 0.3)[2 * steps - 2] > 100 * floor  # the 4-epoch plan, mid-way
+    assert load_checkpoint(out / "last.pt")["scheduler"]["total_steps"] == 2 * steps
+    assert resume(out)["epochs"] == 2  # the plan is what --resume continues: nothing left to train
+
+
+@pytest.mark.slow
+def test_time_budget_spent_by_epoch_one_ends_the_run_annealed(scenes: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    summary = train(**{**TINY_TRAIN, "epochs": 3, "optimizer": "sgd", "lr": 0.05, "schedule": "onecycle",
+                       "time_budget": 1e-6}, data=str(scenes), out=str(out))
+    assert summary["epochs"] == 1 and len(_history(out)) == 1
+    assert "planning 1 epoch (about" in capsys.readouterr().out
+    steps = -(-len(json.loads((out / "split.json").read_text())["train_idx"]) // TINY_TRAIN["batch_size"])
+    # the one-epoch schedule, run through to its end, not the first epoch of the three-epoch one
+    assert float(_history(out)[0]["lr"]) == pytest.approx(_one_cycle_lrs(0.05, steps, 0.1)[-1], rel=1e-5)
+    assert _one_cycle_lrs(0.05, steps, 0.1)[-2] < 0.05 / 1000 < _one_cycle_lrs(0.05, 3 * steps, 0.1)[steps - 1]
 
 
 @pytest.mark.slow

@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--palette", help="JSON/CSV name -> RGB for colour masks")
     t.add_argument("--class-names", help="file naming the classes, one per line or JSON")
     t.add_argument("--cache-dir", help="keep decoded frames here so the next run decodes nothing")
-    t.add_argument("--time-budget", type=float, metavar="MINUTES", help="stop after the epoch that passes it")
+    t.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="fit training into MINUTES: after epoch 1 the run plans the epochs that fit, its "
+                   "learning-rate schedule fitted to them, and it stops after any epoch that passes the budget")
     t.add_argument("--no-progress", action="store_true", default=None)
     t.set_defaults(func=_cmd_train)
 

@@ -96,7 +96,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     threads: int | None = None
     device: str = "auto"
-    time_budget: float | None = None  # minutes: stop after the epoch that passes it
+    time_budget: float | None = None  # minutes: re-plan the epochs to fit after epoch 1; stop after any epoch past it
     no_progress: bool = False
 
     def to_dict(self) -> dict[str, Any]:

@@ -245,6 +245,26 @@ def _ema_update(decay: float, warmup: str = "tf"):
     return update
 
 
+def projected_seconds(total: int, val_every: int, done: int, elapsed_s: float, epoch_s: float, val_s: float) -> float:
+    """Wall seconds of a run of ``total`` epochs, ``done`` of which took ``elapsed_s``: each further epoch
+    costs ``epoch_s`` seconds of training, plus ``val_s`` when it validates (every ``val_every``-th, and the last)."""
+    validations = sum(1 for e in range(done + 1, total + 1) if e % val_every == 0 or e == total)
+    return elapsed_s + (total - done) * epoch_s + validations * val_s
+
+
+def plan_epochs(
+    epochs: int, val_every: int, done: int, elapsed_s: float, epoch_s: float, val_s: float, budget_s: float
+) -> int:
+    """The most epochs, from ``done`` up to ``epochs``, whose ``projected_seconds`` fit ``budget_s``
+    (``done`` when not even one more epoch fits).
+
+        >>> plan_epochs(40, 4, done=1, elapsed_s=120, epoch_s=100, val_s=25, budget_s=56 * 60)
+        31
+    """
+    return max((total for total in range(done + 1, epochs + 1)
+                if projected_seconds(total, val_every, done, elapsed_s, epoch_s, val_s) <= budget_s), default=done)
+
+
 def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -536,9 +556,14 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
         train_seconds = time.perf_counter() - t0
         nan = float("nan")
         val = {"loss": nan, "accuracy": nan, "miou": nan}
-        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+        # With a time budget, epoch 1 also validates: its cost is half of what the re-plan needs to know.
+        replan = cfg.time_budget is not None and epoch == 1 and cfg.epochs > 1
+        if epoch % cfg.val_every == 0 or epoch == cfg.epochs or replan:
+            tv = time.perf_counter()
             val = validate(run.predicting_model, run.val_images, run.val_masks, n_classes, run.precision, run.device,
                            logit_bias=run.logit_bias)
+            if replan:
+                _fit_to_time_budget(run, train_seconds, time.perf_counter() - tv, time.perf_counter() - started)
         seconds = time.perf_counter() - t0
         row = {
             "epoch": epoch, "train_loss": loss_sum.item() / seen, "train_accuracy": correct / pixels,
@@ -554,7 +579,8 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
         save_checkpoint(_checkpoint_state(run, epoch, best, history, for_resume=True), run.run_dir / "last.pt")
         if improved:
             save_checkpoint(_checkpoint_state(run, epoch, best, history, for_resume=False), run.run_dir / "best.pt")
-        stopped_early = cfg.time_budget is not None and time.perf_counter() - started > 60 * cfg.time_budget
+        over_budget = cfg.time_budget is not None and time.perf_counter() - started > 60 * cfg.time_budget
+        stopped_early = over_budget and epoch < cfg.epochs
         curves = (epoch in (start_epoch, cfg.epochs) or stopped_early
                   or time.perf_counter() - plotted_at >= CURVES_EVERY_S)
         _write_history(run.run_dir, history, curves)
@@ -571,7 +597,10 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
             flush=True,
         )
         if stopped_early:
-            print(f"time budget of {cfg.time_budget} min reached after epoch {epoch}; stopping", flush=True)
+            print(f"time budget of {cfg.time_budget:g} min reached after epoch {epoch} of {cfg.epochs}; stopping",
+                  flush=True)
+            break
+        if epoch >= cfg.epochs:  # the budget's re-plan may have shortened the run
             break
     if tb is not None:
         tb.close()
@@ -579,6 +608,43 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
         "run_dir": str(run.run_dir), "epochs": history[-1]["epoch"] if history else 0, "best_miou": best,
         "history": history, "seconds": sum(r["seconds"] for r in history), "stopped_early": stopped_early,
     }
+
+
+def _fit_to_time_budget(run: _Run, epoch_s: float, val_s: float, elapsed_s: float) -> None:
+    """After epoch 1: plan the epochs that fit ``cfg.time_budget`` and refit the schedule to them.
+
+    Stopping a one-cycle or cosine run when its time is up would end it at a high learning rate, before
+    the annealing that most of its accuracy comes from; planning fewer epochs instead anneals them all.
+    The plan goes into ``config.yaml`` (and the checkpoints), so ``--resume`` continues it.
+    """
+    cfg = run.cfg
+    planned = cfg.epochs
+    budget_s = 60 * cfg.time_budget
+    fits = plan_epochs(planned, cfg.val_every, 1, elapsed_s, epoch_s, val_s, budget_s)
+
+    def minutes(total: int) -> float:
+        return projected_seconds(total, cfg.val_every, 1, elapsed_s, epoch_s, val_s) / 60
+
+    costs = f"epoch 1 trained in {epoch_s:.0f} s and validated in {val_s:.0f} s"
+    if fits == planned:
+        print(f"time budget {cfg.time_budget:g} min: {costs}; the {planned} epochs fit (about "
+              f"{minutes(planned):.0f} min)", flush=True)
+        return
+    cfg.epochs = fits
+    if run.scheduler is not None:
+        # The schedule as if planned for `fits` epochs from the start, at the step this run has reached.
+        run.scheduler = _make_scheduler(cfg, run.optimizer, run.steps_per_epoch * fits)
+        for _ in range(run.steps_per_epoch):
+            run.scheduler.step()
+    path = run.run_dir / "config.yaml"
+    save_yaml({**read_yaml(path), "settings": cfg.to_dict(), "time_budget_plan": {
+        "budget_minutes": cfg.time_budget, "planned_epochs": planned, "epochs": fits,
+        "epoch_seconds": round(epoch_s, 2), "validation_seconds": round(val_s, 2),
+    }}, path)
+    schedule = "" if run.scheduler is None else f", its {cfg.schedule} schedule fitted to them"
+    print(f"time budget {cfg.time_budget:g} min: {costs}, so {planned} epochs would take about "
+          f"{minutes(planned):.0f} min; planning {fits} epoch{'s' if fits > 1 else ''} (about {minutes(fits):.0f} min)"
+          f"{schedule}", flush=True)
 
 
 def _plot(run_dir: Path, history: list[dict[str, Any]]) -> None:
