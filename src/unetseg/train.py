@@ -475,6 +475,12 @@ def _write_history(run_dir: Path, history: list[dict[str, Any]], curves: bool = 
         _plot(run_dir, history)
 
 
+def _save_settings(run_dir: Path, cfg: TrainConfig, **extra: Any) -> None:
+    """Rewrite the settings in ``run_dir/config.yaml`` (and add ``extra`` keys), keeping its other records."""
+    path = run_dir / "config.yaml"
+    save_yaml({**read_yaml(path), "settings": cfg.to_dict(), **extra}, path)
+
+
 def _checkpoint_state(run: _Run, epoch: int, best: float, history: list, for_resume: bool) -> dict[str, Any]:
     state: dict[str, Any] = {
         "format": "unetseg-checkpoint-1",
@@ -636,11 +642,10 @@ def _fit_to_time_budget(run: _Run, epoch_s: float, val_s: float, elapsed_s: floa
         run.scheduler = _make_scheduler(cfg, run.optimizer, run.steps_per_epoch * fits)
         for _ in range(run.steps_per_epoch):
             run.scheduler.step()
-    path = run.run_dir / "config.yaml"
-    save_yaml({**read_yaml(path), "settings": cfg.to_dict(), "time_budget_plan": {
+    _save_settings(run.run_dir, cfg, time_budget_plan={
         "budget_minutes": cfg.time_budget, "planned_epochs": planned, "epochs": fits,
         "epoch_seconds": round(epoch_s, 2), "validation_seconds": round(val_s, 2),
-    }}, path)
+    })
     schedule = "" if run.scheduler is None else f", its {cfg.schedule} schedule fitted to them"
     print(f"time budget {cfg.time_budget:g} min: {costs}, so {planned} epochs would take about "
           f"{minutes(planned):.0f} min; planning {fits} epoch{'s' if fits > 1 else ''} (about {minutes(fits):.0f} min)"
@@ -709,7 +714,7 @@ def resume(run_dir: str | Path, epochs: int | None = None) -> dict[str, Any]:
             raise UnetsegError(f"{run_dir} uses a {cfg.schedule} schedule planned for {cfg.epochs} epochs; "
                                "it cannot be stretched on resume (start a new run with --epochs)")
         cfg.epochs = epochs
-        save_yaml({**read_yaml(run_dir / "config.yaml"), "settings": cfg.to_dict()}, run_dir / "config.yaml")
+        _save_settings(run_dir, cfg)
     split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
     run = _setup(cfg, run_dir, split)
     run.model.load_state_dict(state.get("train_model", state["model"]))
