@@ -1,0 +1,131 @@
+"""A/B of the activation layout, channels_last (NHWC) against contiguous (NCHW), for a recipe's CPU training step.
+
+Builds the recipe's model, optimizer and loss as ``unetseg train`` does (``runtime.prepare_model_for_training``,
+``train.make_optimizer``, ``losses.make_loss``), once per layout from the same initial weights, and times
+``train.train_step`` on the same random batch (the recipe's batch size and crop, or its frame size)
+round-robin, so that a noisy machine slows both alike. Prints the median ms per step, img/s and GFLOP/s
+(the step's convolution and matmul FLOPs, counted by ``torch.utils.flop_counter``) of each, the ratio, and
+the layout ``unetseg train`` picks here (``runtime.memory_format``).
+
+Usage: python benchmarks/layout_ab.py [--recipe default|lab] [--precision auto|fp32|bf16] [--threads 2]
+       [--rounds 7] [--steps 2] [--profile] [--json FILE]
+(``--profile``: afterwards, the CPU time per step of the main ops in each layout, from ``torch.profiler``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from unetseg.config import resolve_config
+from unetseg.losses import make_loss
+from unetseg.model import build_model
+from unetseg.runtime import (
+    cpu_has_native_bf16,
+    flush_denormals,
+    memory_format,
+    prepare_model_for_training,
+    resolve_precision,
+    retain_freed_memory,
+    set_threads,
+)
+from unetseg.train import make_optimizer, train_step
+
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def _profile(subjects: dict, y: torch.Tensor, precision: str, loss_fn, grad_clip: float, steps: int = 2) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    per_layout = {}
+    for name, (model, opt, xb) in subjects.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                train_step(model, opt, xb, y, precision, torch.device("cpu"), loss_fn, grad_clip)
+        per_layout[name] = {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+    ops = sorted(set().union(*per_layout.values()), key=lambda k: -max(v.get(k, 0) for v in per_layout.values()))
+    print(f"\nself CPU ms per step ({steps} profiled steps each)")
+    print(f"{'op':<44}" + "".join(f"{name:>16}" for name in per_layout))
+    for op in ops[:12]:
+        print(f"{op[:43]:<44}" + "".join(f"{v.get(op, 0):>16.1f}" for v in per_layout.values()))
+    print(f"{'all ops':<44}" + "".join(f"{sum(v.values()):>16.1f}" for v in per_layout.values()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default="default")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=2, help="training steps per timed round")
+    p.add_argument("--profile", action="store_true", help="then profile 2 steps of each layout, per op")
+    p.add_argument("--json", help="also write the figures to this file")
+    args = p.parse_args()
+    set_threads(args.threads)
+    retain_freed_memory()
+    flush_denormals()
+    cpu = torch.device("cpu")
+    cfg = resolve_config(recipe=args.recipe)
+    precision = resolve_precision(args.precision, cpu)
+    h, w = cfg.crop or cfg.size
+    n = cfg.batch_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, h, w, generator=gen)
+    y = torch.randint(0, 23, (n, h, w), generator=gen)
+    weight = torch.rand(23, generator=gen) + 0.5 if cfg.class_weighting != "none" else None
+    loss_fn = make_loss(cfg.loss, 23, weight)
+
+    torch.manual_seed(0)
+    base = build_model(cfg.arch, n_classes=23, base_filters=cfg.base_filters, depth=cfg.depth,
+                       dropout=cfg.dropout, batch_norm=cfg.batch_norm)
+    subjects = {}
+    for name, fmt in LAYOUTS.items():
+        model = prepare_model_for_training(copy.deepcopy(base), precision, cpu).to(memory_format=fmt).train()
+        opt = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
+        subjects[name] = (model, opt, x.contiguous(memory_format=fmt))
+
+    with FlopCounterMode(display=False) as counter:  # the forward and backward of one step
+        model, _, xb = subjects["channels_last"]
+        train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), xb, y, "fp32", cpu, loss_fn)
+    gflop = counter.get_total_flops() / 1e9
+    times: dict[str, list[float]] = {name: [] for name in subjects}
+    for r in range(args.rounds + 1):  # one warm-up round
+        for name, (model, opt, xb) in subjects.items():
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                train_step(model, opt, xb, y, precision, cpu, loss_fn, cfg.grad_clip)
+            if r >= 1:
+                times[name].append((time.perf_counter() - t) / args.steps)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    picked = "channels_last" if memory_format(cpu) == torch.channels_last else "contiguous"
+    print(f"recipe {args.recipe}: batch {n}, {h}x{w}, batch norm {cfg.batch_norm}, {cfg.optimizer}, loss {cfg.loss}; "
+          f"{precision}, {args.threads} threads, {args.rounds} rounds x {args.steps} steps (medians); "
+          f"unetseg train picks {picked} here")
+    print(f"{gflop:.1f} GFLOP a step")
+    print(f"{'layout':<16}{'ms/step':>10}{'img/s':>9}{'GFLOP/s':>9}{'vs channels_last':>18}")
+    for name, m in med.items():
+        print(f"{name:<16}{m * 1000:>10.1f}{n / m:>9.2f}{gflop / m:>9.1f}{med['channels_last'] / m:>17.3f}x")
+    if args.profile:
+        _profile(subjects, y, precision, loss_fn, cfg.grad_clip)
+    if args.json:
+        result = {
+            "recipe": args.recipe, "precision": precision, "threads": args.threads, "batch_size": n, "size": [h, w],
+            "rounds": args.rounds, "steps": args.steps, "gflop_per_step": gflop,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_bf16": cpu_has_native_bf16(), "picked": picked,
+            "ms_per_step": {k: 1000 * v for k, v in med.items()},
+            "all_ms_per_step": {k: [1000 * t for t in ts] for k, ts in times.items()},
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
