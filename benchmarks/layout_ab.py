@@ -3,9 +3,10 @@
 Builds the recipe's model, optimizer and loss as ``unetseg train`` does (``runtime.prepare_model_for_training``,
 ``train.make_optimizer``, ``losses.make_loss``), once per layout from the same initial weights, and times
 ``train.train_step`` on the same random batch (the recipe's batch size and crop, or its frame size)
-round-robin, so that a noisy machine slows both alike. Prints the median ms per step, img/s and GFLOP/s
-(the step's convolution and matmul FLOPs, counted by ``torch.utils.flop_counter``) of each, the ratio, and
-the layout ``unetseg train`` picks here (``runtime.memory_format``).
+round-robin (``bench.interleaved_times``, after one warm-up round), so that a noisy machine slows both alike.
+Prints the median ms per step, img/s and GFLOP/s (the step's convolution and matmul FLOPs, counted by
+``torch.utils.flop_counter``) of each, the ratio, and the layout ``unetseg train`` picks here
+(``runtime.memory_format``).
 
 Usage: python benchmarks/layout_ab.py [--recipe default|lab] [--precision auto|fp32|bf16] [--threads 2]
        [--rounds 7] [--steps 2] [--profile] [--json FILE]
@@ -19,11 +20,12 @@ import copy
 import json
 import platform
 import statistics
-import time
+from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from unetseg.bench import interleaved_times
 from unetseg.config import resolve_config
 from unetseg.losses import make_loss
 from unetseg.model import build_model
@@ -95,14 +97,13 @@ def main() -> None:
         model, _, xb = subjects["channels_last"]
         train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), xb, y, "fp32", cpu, loss_fn)
     gflop = counter.get_total_flops() / 1e9
-    times: dict[str, list[float]] = {name: [] for name in subjects}
-    for r in range(args.rounds + 1):  # one warm-up round
-        for name, (model, opt, xb) in subjects.items():
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                train_step(model, opt, xb, y, precision, cpu, loss_fn, cfg.grad_clip)
-            if r >= 1:
-                times[name].append((time.perf_counter() - t) / args.steps)
+    def steps(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor) -> None:
+        for _ in range(args.steps):
+            train_step(model, opt, xb, y, precision, cpu, loss_fn, cfg.grad_clip)
+
+    fns = {name: partial(steps, *subject) for name, subject in subjects.items()}
+    rounds = interleaved_times(fns, args.rounds, warmup=1)
+    times = {name: [t / args.steps for t in ts] for name, ts in rounds.items()}
     med = {name: statistics.median(ts) for name, ts in times.items()}
     picked = "channels_last" if memory_format(cpu) == torch.channels_last else "contiguous"
     print(f"recipe {args.recipe}: batch {n}, {h}x{w}, batch norm {cfg.batch_norm}, {cfg.optimizer}, loss {cfg.loss}; "

@@ -469,16 +469,16 @@ def _onednn_int8_subject(s: _Setup, parts: set[str]) -> Subject:
 
 
 # ------------------------------------------------------------------------------------------------ runner
-def interleaved_medians(
+def interleaved_times(
     fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 0, settle_s: float = 0.0
-) -> dict[str, float]:
-    """Median seconds of each callable, run round-robin (one call each per round) so that a machine whose
+) -> dict[str, list[float]]:
+    """Seconds of each call of each callable, run round-robin (one call each per round) so that a machine whose
     speed drifts slows them alike; ``warmup`` untimed rounds first, ``settle_s`` untimed sleep before each
     call. For the A/B scripts in ``benchmarks/`` and ``experiments/``; ``run_benchmark`` does the same for
     its modes.
 
-    >>> sorted(interleaved_medians({"a": lambda: None, "b": lambda: None}, rounds=3))
-    ['a', 'b']
+    >>> {name: len(ts) for name, ts in interleaved_times({"a": lambda: None, "b": lambda: None}, rounds=3).items()}
+    {'a': 3, 'b': 3}
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + rounds):
@@ -488,6 +488,18 @@ def interleaved_medians(
             fn()
             if r >= warmup:
                 times[name].append(time.perf_counter() - t)
+    return times
+
+
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 0, settle_s: float = 0.0
+) -> dict[str, float]:
+    """Median seconds of each callable over ``interleaved_times``' rounds.
+
+    >>> sorted(interleaved_medians({"a": lambda: None, "b": lambda: None}, rounds=3))
+    ['a', 'b']
+    """
+    times = interleaved_times(fns, rounds, warmup, settle_s)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
