@@ -6,7 +6,7 @@ probabilities, as ``--scales`` does. Prints the mean IoU (over the classes prese
 
 Usage::
 
-    python experiments/scale_scan.py runs/f1def/best.pt ../shared/data/carla --scales 0.5 0.6 0.8 1 1.2 [--json OUT]
+    python experiments/scale_scan.py runs/f1def/best.pt ../shared/data/carla --scales 0.6 0.8 1 1.2 [--tta] [--json OUT]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("data")
     p.add_argument("--scales", type=float, nargs="+", default=[0.6, 0.8, 1.0, 1.2])
     p.add_argument("--threads", type=int)
+    p.add_argument("--tta", action="store_true", help="at each scale also predict the mirror image (as evaluate --tta)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     state = load_model_file(args.checkpoint)
@@ -46,7 +47,7 @@ def main() -> None:
     out_size = tuple(masks.shape[-2:])
     probs = {}
     for s in args.scales:
-        predictor = Predictor(state, threads=args.threads, scales=[s])
+        predictor = Predictor(state, threads=args.threads, scales=[s], tta=args.tta)
         # fp16 keeps one scale of 108 CARLA frames at ~0.4 GB
         probs[s] = torch.cat([predictor.logits(images[i : i + 8], out_size).softmax(1).half()
                               for i in range(0, len(images), 8)])
@@ -59,8 +60,8 @@ def main() -> None:
     for name, v in scores.items():
         print(f"{name:<28} {v:.4f}")
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint": args.checkpoint, "frames": len(images), "mean_iou": scores},
-                                        indent=1) + "\n")
+        args.json.write_text(json.dumps({"checkpoint": args.checkpoint, "frames": len(images), "tta": args.tta,
+                                         "mean_iou": scores}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
