@@ -97,6 +97,7 @@ def main() -> None:
         model, _, xb = subjects["channels_last"]
         train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), xb, y, "fp32", cpu, loss_fn)
     gflop = counter.get_total_flops() / 1e9
+
     def steps(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor) -> None:
         for _ in range(args.steps):
             train_step(model, opt, xb, y, precision, cpu, loss_fn, cfg.grad_clip)
