@@ -60,6 +60,23 @@ def _profile(subjects: dict, y: torch.Tensor, precision: str, loss_fn, grad_clip
     print(f"{'all ops':<44}" + "".join(f"{sum(v.values()):>16.1f}" for v in per_layout.values()))
 
 
+def recipe_parts(recipe: str) -> tuple:
+    """The recipe's settings, its model (seeded) and its loss (random class weights where it weights)."""
+    cfg = resolve_config(recipe=recipe)
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.rand(23, generator=gen) + 0.5 if cfg.class_weighting != "none" else None
+    torch.manual_seed(0)
+    model = build_model(cfg.arch, n_classes=23, base_filters=cfg.base_filters, depth=cfg.depth,
+                        dropout=cfg.dropout, batch_norm=cfg.batch_norm)
+    return cfg, model, make_loss(cfg.loss, 23, weight)
+
+
+def random_batch(n: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``(n, 3, h, w)`` in [0, 1) and labels ``(n, h, w)`` over the 23 classes."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, h, w, generator=gen), torch.randint(0, 23, (n, h, w), generator=gen)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="default")
@@ -74,19 +91,11 @@ def main() -> None:
     retain_freed_memory()
     flush_denormals()
     cpu = torch.device("cpu")
-    cfg = resolve_config(recipe=args.recipe)
+    cfg, base, loss_fn = recipe_parts(args.recipe)
     precision = resolve_precision(args.precision, cpu)
     h, w = cfg.crop or cfg.size
     n = cfg.batch_size
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(n, 3, h, w, generator=gen)
-    y = torch.randint(0, 23, (n, h, w), generator=gen)
-    weight = torch.rand(23, generator=gen) + 0.5 if cfg.class_weighting != "none" else None
-    loss_fn = make_loss(cfg.loss, 23, weight)
-
-    torch.manual_seed(0)
-    base = build_model(cfg.arch, n_classes=23, base_filters=cfg.base_filters, depth=cfg.depth,
-                       dropout=cfg.dropout, batch_norm=cfg.batch_norm)
+    x, y = random_batch(n, h, w)
     subjects = {}
     for name, fmt in LAYOUTS.items():
         model = prepare_model_for_training(copy.deepcopy(base), precision, cpu).to(memory_format=fmt).train()

@@ -424,3 +424,27 @@ def test_int8_may_saturate_only_on_x86_without_vnni(monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(platform, "machine", lambda m=machine: m)
         monkeypatch.setattr(runtime, "cpu_flags", lambda f=flags: frozenset(f))
         assert runtime.int8_may_saturate() is expected, (machine, flags)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra", [("crop_cost.py", ["--sizes", "32", "48", "64", "96"]),
+                                           ("layout_ab.py", ["--recipe", "lab"])])
+def test_step_benchmark_scripts_run_and_write_their_figures(tmp_path: Path, script: str, extra: list) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "figures.json"
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / script), "--rounds", "2", "--steps", "1",
+                           "--threads", "1", "--json", str(out), *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    if script == "crop_cost.py":
+        assert list(figures["sizes"]) == ["32x48", "64x96"] and figures["reference"] == "64x96"
+        small, full = figures["sizes"]["32x48"], figures["sizes"]["64x96"]
+        assert len(small["all_ms_per_step"]) == 2 and small["ms_per_step"] > 0
+        assert small["ratio"] == pytest.approx(small["ms_per_step"] / full["ms_per_step"])
+        assert small["ratio_over_pixel_ratio"] == pytest.approx(small["ratio"] * 4)
+    else:
+        assert set(figures["ms_per_step"]) == {"channels_last", "contiguous"} and figures["gflop_per_step"] > 0

@@ -23,7 +23,16 @@ from unetseg.data import load_dataset
 from unetseg.errors import UnetsegError
 from unetseg.losses import cross_entropy
 from unetseg.model import build_model, forward_full
-from unetseg.train import epoch_order, plan_epochs, resume, run_balanced_weights, train, train_step
+from unetseg.train import (
+    crop_for_epoch,
+    epoch_order,
+    plan_epochs,
+    projected_seconds,
+    resume,
+    run_balanced_weights,
+    train,
+    train_step,
+)
 
 
 def _history(run: Path) -> list[dict[str, str]]:
@@ -76,7 +85,10 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
      ({"rare_paste": 1.5}, "rare_paste 1.5"), ({"rare_paste_below": 0}, "rare_paste_below 0 must be in \\(0, 1\\)"),
      ({"run_balance": -0.5}, "run_balance -0.5 must be in \\[0, 1\\]"),
      ({"optimizer": "lamb"}, "optimizer 'lamb' must be adam, adamw or sgd"), ({"momentum": 1.0}, "momentum 1.0"),
-     ({"hard_pixels": 0}, "hard_pixels 0 must be in \\(0, 1\\]")],
+     ({"hard_pixels": 0}, "hard_pixels 0 must be in \\(0, 1\\]"),
+     ({"recipe": "lab", "early_crop": [64, 96]}, "early_crop needs crop"),
+     ({"early_crop_fraction": 1.0}, "early_crop_fraction 1.0 must be in \\[0, 1\\)"),
+     ({"early_crop": [96]}, "early_crop \\[96\\] must be two positive integers")],
 )
 def test_bad_settings_are_named(overrides: dict, message: str) -> None:
     with pytest.raises(UnetsegError, match=message):
@@ -180,6 +192,27 @@ def test_plan_epochs_fits_the_budget_with_its_validations() -> None:
     assert plan_epochs(40, 4, done=1, elapsed_s=120, epoch_s=100, val_s=25, budget_s=200) == 1  # none more
 
 
+def test_plan_epochs_prices_the_full_crop_epochs_after_the_early_ones() -> None:
+    # Epoch 1 on early crops took 60 s (+ 26 s validating); full-crop epochs cost 100 s; the first 60 % of a
+    # run's epochs are early. 40 epochs: 86 + 23 * 60 + 16 * 100 + 10 * 25 = 3316 s; priced all at 60 s they
+    # would seem to take 2676 s, all at 100 s 4236 s.
+    kw = dict(done=1, elapsed_s=86, epoch_s=60, val_s=25)
+    assert projected_seconds(40, 4, **kw, early_fraction=0.6, late_epoch_s=100) == 3316
+    assert projected_seconds(40, 4, **kw) == 86 + 39 * 60 + 10 * 25
+    assert plan_epochs(40, 4, **kw, budget_s=3316, early_fraction=0.6, late_epoch_s=100) == 40
+    assert plan_epochs(40, 4, **kw, budget_s=3315, early_fraction=0.6, late_epoch_s=100) == 39
+    # 30 epochs: 18 early (2-18: 17 x 60), 12 full, 8 validations: 86 + 1020 + 1200 + 200 = 2506 s
+    assert plan_epochs(40, 4, **kw, budget_s=2506, early_fraction=0.6, late_epoch_s=100) == 30
+
+
+def test_early_crop_gives_way_to_the_crop_after_its_share_of_the_epochs() -> None:
+    cfg = resolve_config(recipe="default", overrides={"early_crop": [96, 128], "early_crop_fraction": 0.6})
+    crops = [crop_for_epoch(cfg, e) for e in range(1, cfg.epochs + 1)]
+    assert crops == [(96, 128)] * 24 + [(128, 160)] * 16
+    assert {crop_for_epoch(resolve_config(recipe="default"), e) for e in (1, 40)} == {(128, 160)}  # off by default
+    assert crop_for_epoch(resolve_config(recipe="lab"), 1) is None  # whole frames
+
+
 def _one_cycle_lrs(max_lr: float, total_steps: int, pct_start: float) -> list[float]:
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=max_lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)
@@ -196,8 +229,9 @@ def test_time_budget_replans_the_epochs_and_their_schedule(scenes: Path, tmp_pat
     train_module = sys.modules["unetseg.train"]  # `unetseg.train` the attribute is the function
     seen: dict = {}
 
-    def plan(epochs, val_every, done, elapsed_s, epoch_s, val_s, budget_s):
-        seen.update(epochs=epochs, done=done, epoch_s=epoch_s, val_s=val_s, budget_s=budget_s)
+    def plan(epochs, val_every, done, elapsed_s, epoch_s, val_s, budget_s, early_fraction, late_epoch_s):
+        seen.update(epochs=epochs, done=done, epoch_s=epoch_s, val_s=val_s, budget_s=budget_s,
+                    late_epoch_s=late_epoch_s)
         return 2  # as if 2 of the 4 epochs fitted
 
     monkeypatch.setattr(train_module, "plan_epochs", plan)
@@ -207,6 +241,7 @@ def test_time_budget_replans_the_epochs_and_their_schedule(scenes: Path, tmp_pat
     summary = train(**settings, data=str(scenes), out=str(out))
     assert seen["epochs"] == 4 and seen["done"] == 1 and seen["budget_s"] == 36_000
     assert seen["epoch_s"] > 0 and seen["val_s"] > 0  # epoch 1 validated to time a validation
+    assert seen["late_epoch_s"] is None  # no early crops: every epoch costs what epoch 1 did
     assert summary["epochs"] == 2 and not summary["stopped_early"]
     history = _history(out)
     assert len(history) == 2 and all(r["val_miou"] != "nan" for r in history)
@@ -236,6 +271,50 @@ def test_time_budget_spent_by_epoch_one_ends_the_run_annealed(scenes: Path, tmp_
     # the one-epoch schedule, run through to its end, not the first epoch of the three-epoch one
     assert float(_history(out)[0]["lr"]) == pytest.approx(_one_cycle_lrs(0.05, steps, 0.1)[-1], rel=1e-5)
     assert _one_cycle_lrs(0.05, steps, 0.1)[-2] < 0.05 / 1000 < _one_cycle_lrs(0.05, 3 * steps, 0.1)[steps - 1]
+
+
+@pytest.mark.slow
+def test_early_crops_train_the_early_epochs_and_price_the_budget(scenes: Path, tmp_path: Path, monkeypatch) -> None:
+    train_module = sys.modules["unetseg.train"]
+    shapes: dict[int, set] = {}
+    step, plan = train_module.train_step, train_module.plan_epochs
+    epoch = {"now": 0}
+
+    def spy_step(model, opt, x, y, *args, **kwargs):
+        shapes.setdefault(epoch["now"], set()).add(tuple(x.shape[-2:]))
+        assert tuple(y.shape[-2:]) == tuple(x.shape[-2:])
+        return step(model, opt, x, y, *args, **kwargs)
+
+    seen: dict = {}
+
+    def spy_plan(*args):
+        seen["args"] = args
+        return plan(*args)
+
+    batches = train_module._batches
+
+    def spy_batches(run, e):
+        epoch["now"] = e
+        return batches(run, e)
+
+    monkeypatch.setattr(train_module, "train_step", spy_step)
+    monkeypatch.setattr(train_module, "plan_epochs", spy_plan)
+    monkeypatch.setattr(train_module, "_batches", spy_batches)
+    settings = {**TINY_TRAIN, "epochs": 4, "crop": [24, 32], "early_crop": [16, 24], "early_crop_fraction": 0.5,
+                "time_budget": 600}
+    summary = train(**settings, data=str(scenes), out=str(tmp_path / "run"))
+    assert summary["epochs"] == 4  # 10 h fit four tiny epochs
+    assert shapes == {1: {(16, 24)}, 2: {(16, 24)}, 3: {(24, 32)}, 4: {(24, 32)}}
+    epoch_s, early_fraction, late_epoch_s = seen["args"][4], seen["args"][7], seen["args"][8]
+    assert early_fraction == 0.5 and late_epoch_s == pytest.approx(epoch_s * (24 * 32) / (16 * 24))
+
+
+@pytest.mark.parametrize("early_crop, message", [([18, 24], "18"), ([48, 48], "early_crop \\[48, 48\\] is larger")])
+def test_bad_early_crop_is_named_before_training(scenes: Path, tmp_path: Path, early_crop, message) -> None:
+    settings = {**TINY_TRAIN, "crop": [24, 32], "early_crop": early_crop, "early_crop_fraction": 0.5}
+    with pytest.raises(UnetsegError, match=message):
+        train(**settings, data=str(scenes), out=str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 @pytest.mark.slow

@@ -167,14 +167,30 @@ class _Run:
 
 
 def _check_sizes(cfg: TrainConfig, frame_size: tuple[int, int]) -> None:
-    train_size = tuple(cfg.crop) if cfg.crop else frame_size
-    if cfg.arch == "lab":
-        check_lab_size(*train_size, depth=cfg.depth)
-    else:
-        for side in train_size:
-            paper_output_size(side, cfg.depth)
-    if cfg.crop and (cfg.crop[0] > frame_size[0] or cfg.crop[1] > frame_size[1]):
-        raise UnetsegError(f"crop {cfg.crop} is larger than the frames {list(frame_size)}; lower crop or raise --size")
+    train_sizes = [tuple(c) for c in (cfg.crop, cfg.early_crop) if c] or [frame_size]
+    for train_size in train_sizes:
+        if cfg.arch == "lab":
+            check_lab_size(*train_size, depth=cfg.depth)
+        else:
+            for side in train_size:
+                paper_output_size(side, cfg.depth)
+    for name in ("crop", "early_crop"):
+        c = getattr(cfg, name)
+        if c and (c[0] > frame_size[0] or c[1] > frame_size[1]):
+            raise UnetsegError(f"{name} {c} is larger than the frames {list(frame_size)}; lower {name} or raise --size")
+
+
+def crop_for_epoch(cfg: TrainConfig, epoch: int) -> tuple[int, int] | None:
+    """The (H, W) training crop of ``epoch`` (1-based): ``early_crop`` for the first ``early_crop_fraction``
+    of ``cfg.epochs``, ``crop`` after that (None: whole frames).
+
+        >>> cfg = TrainConfig(crop=[128, 160], early_crop=[96, 128], early_crop_fraction=0.6, epochs=40)
+        >>> crop_for_epoch(cfg, 24), crop_for_epoch(cfg, 25)
+        ((96, 128), (128, 160))
+    """
+    if cfg.early_crop and epoch <= cfg.early_crop_fraction * cfg.epochs:
+        return tuple(cfg.early_crop)
+    return tuple(cfg.crop) if cfg.crop else None
 
 
 def _dataset_root(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -245,24 +261,36 @@ def _ema_update(decay: float, warmup: str = "tf"):
     return update
 
 
-def projected_seconds(total: int, val_every: int, done: int, elapsed_s: float, epoch_s: float, val_s: float) -> float:
+def projected_seconds(
+    total: int, val_every: int, done: int, elapsed_s: float, epoch_s: float, val_s: float,
+    early_fraction: float = 0.0, late_epoch_s: float | None = None,
+) -> float:
     """Wall seconds of a run of ``total`` epochs, ``done`` of which took ``elapsed_s``: each further epoch
-    costs ``epoch_s`` seconds of training, plus ``val_s`` when it validates (every ``val_every``-th, and the last)."""
+    costs ``epoch_s`` seconds of training, plus ``val_s`` when it validates (every ``val_every``-th, and the last).
+    With ``late_epoch_s``, the epochs after the first ``early_fraction`` of ``total`` cost that instead (the
+    full crops after ``early_crop``)."""
+    late = epoch_s if late_epoch_s is None else late_epoch_s
+    training = sum(epoch_s if e <= early_fraction * total else late for e in range(done + 1, total + 1))
     validations = sum(1 for e in range(done + 1, total + 1) if e % val_every == 0 or e == total)
-    return elapsed_s + (total - done) * epoch_s + validations * val_s
+    return elapsed_s + training + validations * val_s
 
 
 def plan_epochs(
-    epochs: int, val_every: int, done: int, elapsed_s: float, epoch_s: float, val_s: float, budget_s: float
+    epochs: int, val_every: int, done: int, elapsed_s: float, epoch_s: float, val_s: float, budget_s: float,
+    early_fraction: float = 0.0, late_epoch_s: float | None = None,
 ) -> int:
     """The most epochs, from ``done`` up to ``epochs``, whose ``projected_seconds`` fit ``budget_s``
     (``done`` when not even one more epoch fits).
 
         >>> plan_epochs(40, 4, done=1, elapsed_s=120, epoch_s=100, val_s=25, budget_s=56 * 60)
         31
+        >>> plan_epochs(40, 4, done=1, elapsed_s=86, epoch_s=60, val_s=25, budget_s=56 * 60,
+        ...             early_fraction=0.6, late_epoch_s=100)
+        40
     """
     return max((total for total in range(done + 1, epochs + 1)
-                if projected_seconds(total, val_every, done, elapsed_s, epoch_s, val_s) <= budget_s), default=done)
+                if projected_seconds(total, val_every, done, elapsed_s, epoch_s, val_s, early_fraction,
+                                     late_epoch_s) <= budget_s), default=done)
 
 
 def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -416,7 +444,7 @@ def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
             if cfg.crop and cfg.rare_crops > 0:
                 centers = rare_class_centers(y, run.class_pixels, cfg.rare_crops, generator=g)
             x, y = augment_batch(
-                x, y, crop_size=tuple(cfg.crop) if cfg.crop else None,
+                x, y, crop_size=crop_for_epoch(cfg, epoch),
                 scale_range=tuple(cfg.scale_range) if cfg.augment else None, hflip=cfg.augment,
                 color_jitter=cfg.color_jitter if cfg.augment else 0.0, generator=g, centers=centers,
                 hue=cfg.hue_jitter if cfg.augment else 0.0,
@@ -626,12 +654,19 @@ def _fit_to_time_budget(run: _Run, epoch_s: float, val_s: float, elapsed_s: floa
     cfg = run.cfg
     planned = cfg.epochs
     budget_s = 60 * cfg.time_budget
-    fits = plan_epochs(planned, cfg.val_every, 1, elapsed_s, epoch_s, val_s, budget_s)
+    # Epoch 1 ran on early_crop: a step's cost goes with its pixels (BENCHMARKS.md, session 26), so the
+    # epochs on the full crop are priced by the ratio of the two.
+    first, full = crop_for_epoch(cfg, 1), crop_for_epoch(cfg, cfg.epochs)
+    late_epoch_s = epoch_s * (full[0] * full[1]) / (first[0] * first[1]) if first != full else None
+    pricing = (cfg.val_every, 1, elapsed_s, epoch_s, val_s)
+    fits = plan_epochs(planned, *pricing, budget_s, cfg.early_crop_fraction, late_epoch_s)
 
     def minutes(total: int) -> float:
-        return projected_seconds(total, cfg.val_every, 1, elapsed_s, epoch_s, val_s) / 60
+        return projected_seconds(total, *pricing, cfg.early_crop_fraction, late_epoch_s) / 60
 
     costs = f"epoch 1 trained in {epoch_s:.0f} s and validated in {val_s:.0f} s"
+    if late_epoch_s is not None:
+        costs += f" (on {first[0]}x{first[1]} crops; about {late_epoch_s:.0f} s an epoch on {full[0]}x{full[1]})"
     if fits == planned:
         print(f"time budget {cfg.time_budget:g} min: {costs}; the {planned} epochs fit (about "
               f"{minutes(planned):.0f} min)", flush=True)
@@ -645,6 +680,7 @@ def _fit_to_time_budget(run: _Run, epoch_s: float, val_s: float, elapsed_s: floa
     _save_settings(run.run_dir, cfg, time_budget_plan={
         "budget_minutes": cfg.time_budget, "planned_epochs": planned, "epochs": fits,
         "epoch_seconds": round(epoch_s, 2), "validation_seconds": round(val_s, 2),
+        **({"late_epoch_seconds": round(late_epoch_s, 2)} if late_epoch_s is not None else {}),
     })
     schedule = "" if run.scheduler is None else f", its {cfg.schedule} schedule fitted to them"
     print(f"time budget {cfg.time_budget:g} min: {costs}, so {planned} epochs would take about "
@@ -694,6 +730,10 @@ def train(config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
     print(f"training {cfg.arch} U-Net ({n_params}) on "
           f"{len(run.train_images)} frames, validating on {len(run.val_images)} from held-out sequences; "
           f"{run.precision} on {run.device} with {torch.get_num_threads()} threads", flush=True)
+    early_epochs = sum(1 for e in range(1, cfg.epochs + 1) if crop_for_epoch(cfg, e) != crop_for_epoch(cfg, cfg.epochs))
+    if early_epochs:
+        (h, w), (fh, fw) = crop_for_epoch(cfg, 1), crop_for_epoch(cfg, cfg.epochs)
+        print(f"training crops: {h}x{w} for epochs 1-{early_epochs}, then {fh}x{fw}", flush=True)
     total_steps = run.steps_per_epoch * cfg.epochs
     last_decay = ema_decay_at(cfg.ema, total_steps - 1)
     if cfg.ema > 0 and cfg.ema_warmup == "tf" and last_decay < cfg.ema:
