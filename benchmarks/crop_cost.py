@@ -21,38 +21,23 @@ import statistics
 from functools import partial
 
 import torch
-from layout_ab import random_batch, recipe_parts
+from layout_ab import add_step_arguments, cpu_as_train_sets_it, random_batch, recipe_parts
 
 from unetseg.bench import interleaved_times
-from unetseg.runtime import (
-    flush_denormals,
-    memory_format,
-    prepare_model_for_training,
-    resolve_precision,
-    retain_freed_memory,
-    set_threads,
-)
+from unetseg.runtime import memory_format, prepare_model_for_training, resolve_precision
 from unetseg.train import make_optimizer, train_step
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default="default")
+    add_step_arguments(p)
     p.add_argument("--sizes", type=int, nargs="+", default=[96, 128, 112, 144, 128, 160],
                    help="crop sizes as H W pairs; the last is the reference")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=2, help="training steps per size per timed round")
-    p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     if len(args.sizes) % 2:
         p.error("--sizes takes H W pairs")
     sizes = [(args.sizes[i], args.sizes[i + 1]) for i in range(0, len(args.sizes), 2)]
-    set_threads(args.threads)
-    retain_freed_memory()
-    flush_denormals()
-    cpu = torch.device("cpu")
+    cpu = cpu_as_train_sets_it(args.threads)
     cfg, model, loss_fn = recipe_parts(args.recipe)
     precision = resolve_precision(args.precision, cpu)
     fmt = memory_format(cpu)

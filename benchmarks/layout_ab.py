@@ -60,6 +60,24 @@ def _profile(subjects: dict, y: torch.Tensor, precision: str, loss_fn, grad_clip
     print(f"{'all ops':<44}" + "".join(f"{sum(v.values()):>16.1f}" for v in per_layout.values()))
 
 
+def add_step_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every recipe-step benchmark here takes."""
+    p.add_argument("--recipe", default="default")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=2, help="training steps per subject per timed round")
+    p.add_argument("--json", help="also write the figures to this file")
+
+
+def cpu_as_train_sets_it(threads: int) -> torch.device:
+    """The CPU with ``threads`` threads, freed memory kept and subnormals flushed, as ``unetseg train`` runs."""
+    set_threads(threads)
+    retain_freed_memory()
+    flush_denormals()
+    return torch.device("cpu")
+
+
 def recipe_parts(recipe: str) -> tuple:
     """The recipe's settings, its model (seeded) and its loss (random class weights where it weights)."""
     cfg = resolve_config(recipe=recipe)
@@ -79,18 +97,10 @@ def random_batch(n: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--recipe", default="default")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=2, help="training steps per timed round")
+    add_step_arguments(p)
     p.add_argument("--profile", action="store_true", help="then profile 2 steps of each layout, per op")
-    p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
-    set_threads(args.threads)
-    retain_freed_memory()
-    flush_denormals()
-    cpu = torch.device("cpu")
+    cpu = cpu_as_train_sets_it(args.threads)
     cfg, base, loss_fn = recipe_parts(args.recipe)
     precision = resolve_precision(args.precision, cpu)
     h, w = cfg.crop or cfg.size
