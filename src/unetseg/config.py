@@ -47,7 +47,7 @@ class TrainConfig:
     resize_mode: str = "lab"  # lab: nearest for images and masks; default: area/bilinear images, nearest masks
     crop: list[int] | None = None  # (H, W) random training crops; None: whole frames
     # (H, W) smaller crops for the first early_crop_fraction of the epochs (progressive crops: a step's cost
-    # goes with its pixels, so 96x128 instead of 128x160 costs 0.60x); None: crop from the start
+    # goes with its pixels: 96x128 costs 0.62x a 128x160 step, BENCHMARKS.md); None: crop from the start
     early_crop: list[int] | None = None
     early_crop_fraction: float = 0.0
     augment: bool = False  # flip, scale, colour jitter (train only)
