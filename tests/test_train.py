@@ -193,10 +193,9 @@ def test_plan_epochs_fits_the_budget_with_its_validations() -> None:
 
 
 def test_plan_epochs_prices_the_full_crop_epochs_after_the_early_ones() -> None:
-    # Epoch 1 on early crops took 60 s, 86 s with its validation; full-crop epochs cost 100 s, later validations
-    # 25 s; the first 60 % of a
-    # run's epochs are early. 40 epochs: 86 + 23 * 60 + 16 * 100 + 10 * 25 = 3316 s; priced all at 60 s they
-    # would seem to take 2676 s, all at 100 s 4236 s.
+    # Epoch 1 on early crops took 60 s, 86 s with its validation; full-crop epochs cost 100 s, later
+    # validations 25 s; the first 60 % of a run's epochs are early. 40 epochs: 86 + 23 * 60 + 16 * 100 +
+    # 10 * 25 = 3316 s; priced all at 60 s they would seem to take 2676 s, all at 100 s 4236 s.
     kw = dict(done=1, elapsed_s=86, epoch_s=60, val_s=25)
     assert projected_seconds(40, 4, **kw, early_fraction=0.6, late_epoch_s=100) == 3316
     assert projected_seconds(40, 4, **kw) == 86 + 39 * 60 + 10 * 25
