@@ -43,8 +43,7 @@ def main() -> None:
     fmt = memory_format(cpu)
     model = prepare_model_for_training(model, precision, cpu).to(memory_format=fmt).train()
     # lr 0: the weights stay where they started, so no size times a model that others trained further
-    opt = make_optimizer(cfg.optimizer, model, 0.0 if cfg.optimizer == "sgd" else 1e-12, cfg.weight_decay,
-                         cfg.momentum)
+    opt = make_optimizer(cfg.optimizer, model, 0.0, cfg.weight_decay, cfg.momentum)
     n = cfg.batch_size
 
     def steps(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -180,6 +180,12 @@ def _check_sizes(cfg: TrainConfig, frame_size: tuple[int, int]) -> None:
             raise UnetsegError(f"{name} {c} is larger than the frames {list(frame_size)}; lower {name} or raise --size")
 
 
+def in_first_share(epoch: int, total: int, share: float) -> bool:
+    """Whether 1-based ``epoch`` is one of the first ``share`` of ``total`` epochs (``epoch <= share * total``):
+    the one rule for settings that switch part-way (``early_crop_fraction``, ``lovasz_from``)."""
+    return epoch <= share * total
+
+
 def crop_for_epoch(cfg: TrainConfig, epoch: int) -> tuple[int, int] | None:
     """The (H, W) training crop of ``epoch`` (1-based): ``early_crop`` for the first ``early_crop_fraction``
     of ``cfg.epochs``, ``crop`` after that (None: whole frames).
@@ -188,7 +194,7 @@ def crop_for_epoch(cfg: TrainConfig, epoch: int) -> tuple[int, int] | None:
         >>> crop_for_epoch(cfg, 24), crop_for_epoch(cfg, 25)
         ((96, 128), (128, 160))
     """
-    if cfg.early_crop and epoch <= cfg.early_crop_fraction * cfg.epochs:
+    if cfg.early_crop and in_first_share(epoch, cfg.epochs, cfg.early_crop_fraction):
         return tuple(cfg.early_crop)
     return tuple(cfg.crop) if cfg.crop else None
 
@@ -270,7 +276,7 @@ def projected_seconds(
     With ``late_epoch_s``, the epochs after the first ``early_fraction`` of ``total`` cost that instead (the
     full crops after ``early_crop``)."""
     late = epoch_s if late_epoch_s is None else late_epoch_s
-    training = sum(epoch_s if e <= early_fraction * total else late for e in range(done + 1, total + 1))
+    training = sum(epoch_s if in_first_share(e, total, early_fraction) else late for e in range(done + 1, total + 1))
     validations = sum(1 for e in range(done + 1, total + 1) if e % val_every == 0 or e == total)
     return elapsed_s + training + validations * val_s
 
@@ -435,6 +441,7 @@ def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
     fmt = memory_format(run.device)
     share = run.class_pixels.double() / run.class_pixels.sum()
     rare = (share > 0) & (share < cfg.rare_paste_below)  # the classes rare_paste copies
+    crop = crop_for_epoch(cfg, epoch)
     for s in range(0, len(order), cfg.batch_size):
         idx = order[s : s + cfg.batch_size]
         x = run.train_images[idx].float().div_(255)
@@ -444,7 +451,7 @@ def _batches(run: _Run, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor
             if cfg.crop and cfg.rare_crops > 0:
                 centers = rare_class_centers(y, run.class_pixels, cfg.rare_crops, generator=g)
             x, y = augment_batch(
-                x, y, crop_size=crop_for_epoch(cfg, epoch),
+                x, y, crop_size=crop,
                 scale_range=tuple(cfg.scale_range) if cfg.augment else None, hflip=cfg.augment,
                 color_jitter=cfg.color_jitter if cfg.augment else 0.0, generator=g, centers=centers,
                 hue=cfg.hue_jitter if cfg.augment else 0.0,
@@ -561,7 +568,7 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
         batches = _prefetch(_batches(run, epoch)) if run.data_thread else _batches(run, epoch)
         # Lovász-softmax refines a model that already segments (Berman et al. fine-tune with it), so a
         # "+lovasz" term can join after a share of the epochs; it also costs a sort per step.
-        loss_fn = run.loss_fn if epoch > cfg.lovasz_from * cfg.epochs else run.loss_fn_before_lovasz
+        loss_fn = run.loss_fn_before_lovasz if in_first_share(epoch, cfg.epochs, cfg.lovasz_from) else run.loss_fn
         for step in range(run.steps_per_epoch):
             tw = time.perf_counter()
             x, y = next(batches)
