@@ -6,11 +6,13 @@ Builds the recipe's model, optimizer and loss as ``unetseg train`` does (``runti
 round-robin (``bench.interleaved_times``, after one warm-up round), so that a noisy machine slows both alike.
 Prints the median ms per step, img/s and GFLOP/s (the step's convolution and matmul FLOPs, counted by
 ``torch.utils.flop_counter``) of each, the ratio, and the layout ``unetseg train`` picks here
-(``runtime.memory_format``).
+(``runtime.memory_format``). ``--compile`` adds a third subject, the channels_last model under ``torch.compile``
+(``runtime.compile_for_training``, as ``unetseg benchmark``'s ``*_compile`` modes train), and prints what its first
+step cost: whether compiling the training step would pay here (``runtime.COMPILE_SAVING``).
 
 Usage: python benchmarks/layout_ab.py [--recipe default|lab] [--precision auto|fp32|bf16] [--threads 2]
-       [--rounds 7] [--steps 2] [--profile] [--json FILE]
-(``--profile``: afterwards, the CPU time per step of the main ops in each layout, from ``torch.profiler``)
+       [--rounds 7] [--steps 2] [--compile] [--profile] [--json FILE]
+(``--profile``: afterwards, the CPU time per step of the main ops in each subject, from ``torch.profiler``)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import copy
 import json
 import platform
 import statistics
+import time
 from functools import partial
 
 import torch
@@ -30,6 +33,8 @@ from unetseg.config import resolve_config
 from unetseg.losses import make_loss
 from unetseg.model import build_model
 from unetseg.runtime import (
+    compile_available,
+    compile_for_training,
     cpu_has_native_bf16,
     flush_denormals,
     memory_format,
@@ -46,18 +51,18 @@ LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_
 def _profile(subjects: dict, y: torch.Tensor, precision: str, loss_fn, grad_clip: float, steps: int = 2) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    per_layout = {}
+    per_subject = {}
     for name, (model, opt, xb) in subjects.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 train_step(model, opt, xb, y, precision, torch.device("cpu"), loss_fn, grad_clip)
-        per_layout[name] = {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
-    ops = sorted(set().union(*per_layout.values()), key=lambda k: -max(v.get(k, 0) for v in per_layout.values()))
+        per_subject[name] = {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+    ops = sorted(set().union(*per_subject.values()), key=lambda k: -max(v.get(k, 0) for v in per_subject.values()))
     print(f"\nself CPU ms per step ({steps} profiled steps each)")
-    print(f"{'op':<44}" + "".join(f"{name:>16}" for name in per_layout))
+    print(f"{'op':<44}" + "".join(f"{name:>24}" for name in per_subject))
     for op in ops[:12]:
-        print(f"{op[:43]:<44}" + "".join(f"{v.get(op, 0):>16.1f}" for v in per_layout.values()))
-    print(f"{'all ops':<44}" + "".join(f"{sum(v.values()):>16.1f}" for v in per_layout.values()))
+        print(f"{op[:43]:<44}" + "".join(f"{v.get(op, 0):>24.1f}" for v in per_subject.values()))
+    print(f"{'all ops':<44}" + "".join(f"{sum(v.values()):>24.1f}" for v in per_subject.values()))
 
 
 def add_step_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,9 +103,12 @@ def random_batch(n: int, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_step_arguments(p)
-    p.add_argument("--profile", action="store_true", help="then profile 2 steps of each layout, per op")
+    p.add_argument("--compile", action="store_true", help="also time channels_last under torch.compile")
+    p.add_argument("--profile", action="store_true", help="then profile 2 steps of each subject, per op")
     args = p.parse_args()
     cpu = cpu_as_train_sets_it(args.threads)
+    if args.compile and not compile_available(cpu)[0]:
+        p.error(f"--compile is not possible here: {compile_available(cpu)[1]}")
     cfg, base, loss_fn = recipe_parts(args.recipe)
     precision = resolve_precision(args.precision, cpu)
     h, w = cfg.crop or cfg.size
@@ -111,6 +119,15 @@ def main() -> None:
         model = prepare_model_for_training(copy.deepcopy(base), precision, cpu).to(memory_format=fmt).train()
         opt = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
         subjects[name] = (model, opt, x.contiguous(memory_format=fmt))
+    compile_seconds = None
+    if args.compile:
+        model = prepare_model_for_training(copy.deepcopy(base), precision, cpu).to(memory_format=torch.channels_last)
+        opt = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
+        runner, xb = compile_for_training(model.train()), x.contiguous(memory_format=torch.channels_last)
+        start = time.perf_counter()  # the first step compiles its forward and backward graphs
+        train_step(runner, opt, xb, y, precision, cpu, loss_fn, cfg.grad_clip)
+        compile_seconds = time.perf_counter() - start
+        subjects["channels_last_compiled"] = (runner, opt, xb)
 
     with FlopCounterMode(display=False) as counter:  # the forward and backward of one step
         model, _, xb = subjects["channels_last"]
@@ -130,9 +147,11 @@ def main() -> None:
           f"{precision}, {args.threads} threads, {args.rounds} rounds x {args.steps} steps (medians); "
           f"unetseg train picks {picked} here")
     print(f"{gflop:.1f} GFLOP a step")
-    print(f"{'layout':<16}{'ms/step':>10}{'img/s':>9}{'GFLOP/s':>9}{'vs channels_last':>18}")
+    if compile_seconds is not None:
+        print(f"the compiled subject's first step (compiling) took {compile_seconds:.1f} s")
+    print(f"{'subject':<24}{'ms/step':>10}{'img/s':>9}{'GFLOP/s':>9}{'vs channels_last':>18}")
     for name, m in med.items():
-        print(f"{name:<16}{m * 1000:>10.1f}{n / m:>9.2f}{gflop / m:>9.1f}{med['channels_last'] / m:>17.3f}x")
+        print(f"{name:<24}{m * 1000:>10.1f}{n / m:>9.2f}{gflop / m:>9.1f}{med['channels_last'] / m:>17.3f}x")
     if args.profile:
         _profile(subjects, y, precision, loss_fn, cfg.grad_clip)
     if args.json:
@@ -140,7 +159,7 @@ def main() -> None:
             "recipe": args.recipe, "precision": precision, "threads": args.threads, "batch_size": n, "size": [h, w],
             "rounds": args.rounds, "steps": args.steps, "gflop_per_step": gflop,
             "cpu": platform.processor() or platform.machine(),
-            "cpu_bf16": cpu_has_native_bf16(), "picked": picked,
+            "cpu_bf16": cpu_has_native_bf16(), "picked": picked, "compile_seconds": compile_seconds,
             "ms_per_step": {k: 1000 * v for k, v in med.items()},
             "all_ms_per_step": {k: [1000 * t for t in ts] for k, ts in times.items()},
         }

@@ -428,11 +428,14 @@ def test_int8_may_saturate_only_on_x86_without_vnni(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, extra", [("crop_cost.py", ["--sizes", "32", "48", "64", "96"]),
-                                           ("layout_ab.py", ["--recipe", "lab"])])
+                                           ("layout_ab.py", ["--recipe", "lab"]),
+                                           ("layout_ab.py", ["--recipe", "lab", "--compile"])])
 def test_step_benchmark_scripts_run_and_write_their_figures(tmp_path: Path, script: str, extra: list) -> None:
     import subprocess
     import sys
 
+    if "--compile" in extra and not compile_available(CPU)[0]:
+        pytest.skip(compile_available(CPU)[1])
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "figures.json"
     done = subprocess.run([sys.executable, str(repo / "benchmarks" / script), "--rounds", "2", "--steps", "1",
@@ -446,5 +449,9 @@ def test_step_benchmark_scripts_run_and_write_their_figures(tmp_path: Path, scri
         assert len(small["all_ms_per_step"]) == 2 and small["ms_per_step"] > 0
         assert small["ratio"] == pytest.approx(small["ms_per_step"] / full["ms_per_step"])
         assert small["ratio_over_pixel_ratio"] == pytest.approx(small["ratio"] * 4)
+    elif "--compile" in extra:
+        assert set(figures["ms_per_step"]) == {"channels_last", "contiguous", "channels_last_compiled"}
+        assert figures["compile_seconds"] > 0 and len(figures["all_ms_per_step"]["channels_last_compiled"]) == 2
     else:
         assert set(figures["ms_per_step"]) == {"channels_last", "contiguous"} and figures["gflop_per_step"] > 0
+        assert figures["compile_seconds"] is None

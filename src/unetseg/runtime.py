@@ -133,10 +133,11 @@ def describe(device: torch.device, precision: str) -> dict:
 #: 2-core AVX512-BF16 CPU with torch 2.13 (see BENCHMARKS.md): seconds to compile the first call with a cold
 #: cache, and the fraction of each call's time that the compiled code saves over the eager path it
 #: replaces. On that CPU a compiled bf16 *training* step was ~15 % slower than eager (its convolutions are
-#: the same oneDNN calls and inductor's other kernels were slower), so compiling never pays for CPU
-#: training; compiled inference (weights frozen) was 4-8 % faster at batch 32 on the quiet machine (1-2 %
-#: under heavy load; 13-32 % lower single-image latency) and its first call took 18.6 s with an empty
-#: inductor cache. The CUDA figures are typical ones, not measured here. ``compile_pays_off`` weighs them
+#: the same oneDNN calls and inductor's other kernels were slower), and so was the default recipe's fp32 step
+#: with batch norm on an AVX2-only Zen 3 (0.85x eager's speed quiet, 0.97x beside two trainings; session 27): compiling
+#: never pays for CPU training; compiled inference (weights frozen) was 4-8 % faster at batch 32 on the
+#: quiet machine (1-2 % under heavy load; 13-32 % lower single-image latency) and its first call took 18.6 s
+#: with an empty inductor cache. The CUDA figures are typical ones, not measured here. ``compile_pays_off`` weighs them
 #: against a run's length.
 COMPILE_COST_S = {"train": 150.0, "infer": 20.0}
 COMPILE_SAVING = {
