@@ -134,7 +134,7 @@ def describe(device: torch.device, precision: str) -> dict:
 #: cache, and the fraction of each call's time that the compiled code saves over the eager path it
 #: replaces. On that CPU a compiled bf16 *training* step was ~15 % slower than eager (its convolutions are
 #: the same oneDNN calls and inductor's other kernels were slower), and so was the default recipe's fp32 step
-#: with batch norm on an AVX2-only Zen 3 (0.85x eager's speed quiet, 0.97x beside two trainings; session 27): compiling
+#: with batch norm on an AVX2-only Zen 3 (0.85-0.97x eager's speed; session 27): compiling
 #: never pays for CPU training; compiled inference (weights frozen) was 4-8 % faster at batch 32 on the
 #: quiet machine (1-2 % under heavy load; 13-32 % lower single-image latency) and its first call took 18.6 s
 #: with an empty inductor cache. The CUDA figures are typical ones, not measured here. ``compile_pays_off`` weighs them
