@@ -107,27 +107,28 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="then profile 2 steps of each subject, per op")
     args = p.parse_args()
     cpu = cpu_as_train_sets_it(args.threads)
-    if args.compile and not compile_available(cpu)[0]:
-        p.error(f"--compile is not possible here: {compile_available(cpu)[1]}")
+    compile_ok, why_not = compile_available(cpu)
+    if args.compile and not compile_ok:
+        p.error(f"--compile is not possible here: {why_not}")
     cfg, base, loss_fn = recipe_parts(args.recipe)
     precision = resolve_precision(args.precision, cpu)
     h, w = cfg.crop or cfg.size
     n = cfg.batch_size
     x, y = random_batch(n, h, w)
-    subjects = {}
-    for name, fmt in LAYOUTS.items():
+
+    def subject(fmt: torch.memory_format, compiled: bool = False) -> tuple:
+        """(model, optimizer, batch) from the same initial weights, in layout ``fmt``."""
         model = prepare_model_for_training(copy.deepcopy(base), precision, cpu).to(memory_format=fmt).train()
         opt = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
-        subjects[name] = (model, opt, x.contiguous(memory_format=fmt))
+        return compile_for_training(model) if compiled else model, opt, x.contiguous(memory_format=fmt)
+
+    subjects = {name: subject(fmt) for name, fmt in LAYOUTS.items()}
     compile_seconds = None
     if args.compile:
-        model = prepare_model_for_training(copy.deepcopy(base), precision, cpu).to(memory_format=torch.channels_last)
-        opt = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
-        runner, xb = compile_for_training(model.train()), x.contiguous(memory_format=torch.channels_last)
+        runner, opt, xb = subjects["channels_last_compiled"] = subject(torch.channels_last, compiled=True)
         start = time.perf_counter()  # the first step compiles its forward and backward graphs
         train_step(runner, opt, xb, y, precision, cpu, loss_fn, cfg.grad_clip)
         compile_seconds = time.perf_counter() - start
-        subjects["channels_last_compiled"] = (runner, opt, xb)
 
     with FlopCounterMode(display=False) as counter:  # the forward and backward of one step
         model, _, xb = subjects["channels_last"]
