@@ -177,6 +177,42 @@ def test_hard_pixels_averages_the_cross_entropy_over_the_hardest_share_only(weig
         make_loss("ce", 5, hard_pixels=0)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dice", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_label_smoothing_spreads_each_pixels_target_under_its_weight(
+        weighted: bool, dice: bool, channels_last: bool) -> None:
+    torch.manual_seed(0)
+    base = torch.randn(2, 5, 6, 7) * 3
+    target = torch.randint(0, 5, (2, 6, 7))
+    weight = torch.rand(5) * 0.2 + 0.05 if weighted else None  # well below 1, as the common classes' are
+    plain = base.clone().requires_grad_(True)
+    fused = (base.contiguous(memory_format=torch.channels_last) if channels_last else base.clone()).requires_grad_(True)
+    log_p = plain.log_softmax(1)
+    smoothed_target = F.one_hot(target, 5).permute(0, 3, 1, 2) * 0.9 + 0.1 / 5
+    w_t = torch.ones(target.shape) if weight is None else weight[target]
+    expected = (w_t * -(smoothed_target * log_p).sum(1)).sum() / w_t.sum()
+    if not weighted:  # torch's own smoothing is the same without weights
+        torch.testing.assert_close(expected, F.cross_entropy(plain, target, label_smoothing=0.1))
+    expected = expected + (dice_loss(plain, target) if dice else 0)
+    expected.backward()
+    loss, correct = softmax_loss(fused, target, weight, dice=dice, label_smoothing=0.1)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(fused.grad, plain.grad)
+    assert correct.item() == (base.argmax(1) == target).sum().item()
+    assert abs(loss.item() - softmax_loss(base, target, weight, dice=dice)[0].item()) > 1e-3
+
+
+def test_label_smoothing_is_checked() -> None:
+    with pytest.raises(UnetsegError, match="label_smoothing 1"):
+        make_loss("ce", 5, label_smoothing=1.0)
+    smoothed = make_loss("ce+dice", 5, label_smoothing=0.2)
+    logits, target = torch.randn(1, 5, 4, 4), torch.randint(0, 5, (1, 4, 4))
+    torch.testing.assert_close(
+        smoothed(logits, target)[0], F.cross_entropy(logits, target, label_smoothing=0.2) + dice_loss(logits, target))
+
+
 def test_fused_softmax_loss_on_bf16_logits_returns_a_bf16_gradient() -> None:
     torch.manual_seed(0)
     logits = (torch.randn(2, 5, 8, 8) * 4).bfloat16().contiguous(memory_format=torch.channels_last)

@@ -86,6 +86,7 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
      ({"run_balance": -0.5}, "run_balance -0.5 must be in \\[0, 1\\]"),
      ({"optimizer": "lamb"}, "optimizer 'lamb' must be adam, adamw or sgd"), ({"momentum": 1.0}, "momentum 1.0"),
      ({"hard_pixels": 0}, "hard_pixels 0 must be in \\(0, 1\\]"),
+     ({"label_smoothing": 1.0}, "label_smoothing 1.0 must be in \\[0, 1\\)"),
      ({"recipe": "lab", "early_crop": [64, 96]}, "early_crop needs crop"),
      ({"early_crop_fraction": 1.0}, "early_crop_fraction 1.0 must be in \\[0, 1\\)"),
      ({"early_crop": [96]}, "early_crop \\[96\\] must be two positive integers")],
@@ -516,7 +517,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(scenes: Path, tmp_path: P
     def exploding(logits, target, weight=None):
         return cross_entropy(logits, target, weight) * float("nan")
 
-    monkeypatch.setattr(t, "make_loss", lambda name, n, weight=None, hard_pixels=1.0: exploding)
+    monkeypatch.setattr(t, "make_loss", lambda name, n, weight=None, hard_pixels=1.0, label_smoothing=0.0: exploding)
     with pytest.raises(UnetsegError, match="loss became nan at epoch 2"):
         resume(out, epochs=3)
     after = load_checkpoint(out / "last.pt")

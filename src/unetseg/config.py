@@ -82,6 +82,8 @@ class TrainConfig:
     loss: str = "ce"  # ce | ce+dice | ce+lovasz | ce+dice+lovasz
     # share of the pixels, the hardest by cross-entropy, that the CE term averages over (bootstrapped CE; 1: all)
     hard_pixels: float = 1.0
+    # share of each pixel's target spread uniformly over the classes in the CE term (label smoothing; 0: off)
+    label_smoothing: float = 0.0
     lovasz_from: float = 0.0  # share of the epochs trained before a "+lovasz" term joins the loss (0: from the start)
     class_weighting: str = "none"  # none | sqrt_inverse (from training-set pixel shares)
     class_weight_clip: float = 10.0  # class weights stay within [median/clip, median*clip]
@@ -182,6 +184,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.schedule in ("constant", "onecycle", "cosine"), f"schedule {cfg.schedule!r} is unknown"),
         (cfg.loss in LOSSES, f"loss {cfg.loss!r} must be one of {', '.join(LOSSES)}"),
         (0 < cfg.hard_pixels <= 1, f"hard_pixels {cfg.hard_pixels} must be in (0, 1] (a share of the pixels; 1: all)"),
+        (0 <= cfg.label_smoothing < 1, f"label_smoothing {cfg.label_smoothing} must be in [0, 1) (0: off)"),
         (0 <= cfg.lovasz_from < 1, f"lovasz_from {cfg.lovasz_from} must be in [0, 1) (a share of the epochs)"),
         (cfg.class_weighting in ("none", "sqrt_inverse"), f"class_weighting {cfg.class_weighting!r} is unknown"),
         (0 <= cfg.prior_correction <= 1, f"prior_correction {cfg.prior_correction} must be in [0, 1]"),

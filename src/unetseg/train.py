@@ -364,8 +364,9 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
     class_pixels = torch.bincount(train_masks.reshape(-1).long(), minlength=n_classes)[:n_classes]
     weights = class_weights(train_masks, n_classes, cfg.class_weighting, cfg.class_weight_clip).to(device)
     loss_weights = None if cfg.class_weighting == "none" else weights
-    loss_fn = make_loss(cfg.loss, n_classes, loss_weights, cfg.hard_pixels)
-    loss_fn_before_lovasz = make_loss(cfg.loss.replace("+lovasz", ""), n_classes, loss_weights, cfg.hard_pixels)
+    loss_fn = make_loss(cfg.loss, n_classes, loss_weights, cfg.hard_pixels, cfg.label_smoothing)
+    loss_fn_before_lovasz = make_loss(
+        cfg.loss.replace("+lovasz", ""), n_classes, loss_weights, cfg.hard_pixels, cfg.label_smoothing)
     logit_bias = None
     if cfg.class_weighting != "none" and cfg.prior_correction > 0:
         logit_bias = prior_correction_bias(weights, cfg.prior_correction).cpu()
