@@ -134,13 +134,6 @@ class _FusedSoftmaxLoss(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None, None, None
 
 
-def _check_ce_options(hard_pixels: float, label_smoothing: float) -> None:
-    if not 0 < hard_pixels <= 1:
-        raise UnetsegError(f"hard_pixels {hard_pixels} must be in (0, 1] (a share of the pixels; 1: all)")
-    if not 0 <= label_smoothing < 1:
-        raise UnetsegError(f"label_smoothing {label_smoothing} must be in [0, 1) (0: off)")
-
-
 def softmax_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -164,7 +157,6 @@ def softmax_loss(
     top logit is the target's (an int64 scalar; a pixel whose target ties for the top counts as a hit).
     Any logits dtype or memory format; the arithmetic is fp32.
     """
-    _check_ce_options(hard_pixels, label_smoothing)
     rows, target = _class_rows(logits, target)
     return _FusedSoftmaxLoss.apply(rows, target, weight, dice, eps, hard_pixels, label_smoothing)
 
@@ -248,7 +240,10 @@ def make_loss(
     """
     if name not in LOSSES:
         raise UnetsegError(f"loss {name!r} is unknown; use one of {', '.join(LOSSES)}")
-    _check_ce_options(hard_pixels, label_smoothing)
+    if not 0 < hard_pixels <= 1:
+        raise UnetsegError(f"hard_pixels {hard_pixels} must be in (0, 1] (a share of the pixels; 1: all)")
+    if not 0 <= label_smoothing < 1:
+        raise UnetsegError(f"label_smoothing {label_smoothing} must be in [0, 1) (0: off)")
     if weight is not None and weight.numel() != n_classes:
         raise UnetsegError(f"{weight.numel()} class weights for {n_classes} classes")
     with_dice = "dice" in name
