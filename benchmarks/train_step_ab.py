@@ -20,11 +20,15 @@ on a subset of these (what ``unetseg train`` and the benchmark's bf16/auto modes
              17; conv and ReLU then stay apart, as ``unetseg train`` runs it)
   lovasz     the loss plus ``losses.lovasz_softmax`` (``--set lovasz``: what a "+lovasz" loss costs; the
              random targets hold all 23 classes, real batches ~15-18)
+  deepsup    deep supervision (``deep_supervision: 0.4``): ``deep_supervision.DeepSupervision``'s heads on the
+             inner decoder stages, their logits upsampled to the output and scored with the same loss
 
 Usage: python benchmarks/train_step_ab.py
-       [--set wgrad|convrelu|deconv|session4|session4-total|session3|lovasz|batchnorm]
+       [--set wgrad|convrelu|deconv|session4|session4-total|session3|lovasz|batchnorm|deepsup]
        [--rounds 7] [--steps 4] [--threads 2] [--batch-size 32] [--size 96 128] [--loss ce|ce+dice]
-(the default recipe's step: ``--batch-size 8 --size 128 160 --loss ce+dice``)
+       [--precision bf16|fp32]
+(the default recipe's step: ``--batch-size 8 --size 128 160 --loss ce+dice``; ``--precision fp32`` where
+the CPU has no bf16)
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import unetseg.model
+from unetseg.deep_supervision import DeepSupervision
 from unetseg.losses import cross_entropy, dice_loss, make_loss
 from unetseg.model import ConvTranspose2dSame, Dropout, build_model
 from unetseg.runtime import fuse_conv_relu, retain_freed_memory, set_threads
@@ -92,6 +97,11 @@ SETS = {
         "no batch norm": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8"},
         "+batchnorm": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8", "batchnorm"},
     },
+    # session 29: the default recipe's step (batch norm), then with deep-supervision heads at weight 0.4
+    "deepsup": {
+        "recipe step": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8", "batchnorm"},
+        "+deepsup": {"ftz", "fused", "loss", "dropout", "deconv", "convrelu", "wgrad8", "batchnorm", "deepsup"},
+    },
 }
 
 
@@ -127,6 +137,7 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"))
     p.add_argument("--loss", choices=["ce", "ce+dice"], default="ce",
                    help="ce: the lab's; ce+dice: the default recipe's (here unweighted)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     args = p.parse_args()
     settings = SETS[args.set]
     set_threads(args.threads)
@@ -144,24 +155,26 @@ def main() -> None:
     runs = {}
     for name, items in settings.items():
         model = _model(items)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7, fused="fused" in items)
+        aux = DeepSupervision(model, 23).to(memory_format=torch.channels_last) if "deepsup" in items else None
+        params = [*model.parameters(), *(aux.parameters() if aux is not None else ())]
+        opt = torch.optim.Adam(params, lr=1e-3, eps=1e-7, fused="fused" in items)
         loss_name = args.loss + "+lovasz" if "lovasz" in items else args.loss
-        runs[name] = (model, opt, make_loss(loss_name, 23) if "loss" in items else plain_loss)
+        runs[name] = (model, opt, make_loss(loss_name, 23) if "loss" in items else plain_loss, aux)
     times: dict[str, list[float]] = {name: [] for name in settings}
     for r in range(args.rounds + 2):  # two warm-up rounds: Adam's moments fill with real (tiny) values
         for name, items in settings.items():
             torch.set_flush_denormal("ftz" in items)
             limit = 8 * 2**20 if "wgrad8" in items else 24 * 2**20 if "wgrad24" in items else math.inf
             unetseg.model.wgrad_onednn_min_taps_bytes = lambda limit=limit: limit
-            model, opt, loss_fn = runs[name]
+            model, opt, loss_fn, aux = runs[name]
             t = time.perf_counter()
             for _ in range(args.steps):
-                train_step(model, opt, x, y, "bf16", cpu, loss_fn)
+                train_step(model, opt, x, y, args.precision, cpu, loss_fn, aux=aux, aux_weight=0.4)
             if r >= 2:
                 times[name].append((time.perf_counter() - t) / args.steps)
     torch.set_flush_denormal(False)
     base = statistics.median(next(iter(times.values())))
-    print(f"lab model, batch {args.batch_size}, {h}x{w}, loss {args.loss}, bf16 autocast, {args.threads} threads, "
+    print(f"lab model, batch {args.batch_size}, {h}x{w}, loss {args.loss}, {args.precision}, {args.threads} threads, "
           f"{args.rounds} rounds x {args.steps} steps (medians)")
     print(f"{'setting':<16}{'ms/step':>10}{'img/s':>9}{'speed-up':>10}")
     for name, ts in times.items():

@@ -87,6 +87,8 @@ def test_flags_override_yaml_override_recipe(tmp_path: Path) -> None:
      ({"optimizer": "lamb"}, "optimizer 'lamb' must be adam, adamw or sgd"), ({"momentum": 1.0}, "momentum 1.0"),
      ({"hard_pixels": 0}, "hard_pixels 0 must be in \\(0, 1\\]"),
      ({"label_smoothing": 1.0}, "label_smoothing 1.0 must be in \\[0, 1\\)"),
+     ({"deep_supervision": -0.1}, "deep_supervision -0.1 must be >= 0"),
+     ({"deep_supervision": 0.4, "depth": 1}, "deep_supervision needs depth >= 2"),
      ({"recipe": "lab", "early_crop": [64, 96]}, "early_crop needs crop"),
      ({"early_crop_fraction": 1.0}, "early_crop_fraction 1.0 must be in \\[0, 1\\)"),
      ({"early_crop": [96]}, "early_crop \\[96\\] must be two positive integers")],
@@ -564,7 +566,7 @@ def test_kill_and_resume_gives_identical_weights(scenes: Path, tmp_path: Path) -
     cfg.write_text(yaml.safe_dump({
         "recipe": "default", "base_filters": 8, "depth": 2, "size": [48, 64], "crop": [32, 48],
         "batch_size": 4, "precision": "fp32", "dropout": 0.3, "lr": 0.002, "ema": 0.9, "grad_clip": 1.0,
-        "batch_norm": True,
+        "batch_norm": True, "deep_supervision": 0.4,
     }))
     epochs = 8
     straight = tmp_path / "straight"
@@ -588,7 +590,8 @@ def test_kill_and_resume_gives_identical_weights(scenes: Path, tmp_path: Path) -
     a = load_checkpoint(straight / "last.pt")
     b = load_checkpoint(killed / "last.pt")
     assert a["epoch"] == b["epoch"] == epochs
-    for key in ("model", "train_model"):  # the weight average and the weights being trained
+    # The weight average, the weights being trained and the deep-supervision heads.
+    for key in ("model", "train_model", "aux_heads"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
     assert len(_history(killed)) == epochs

@@ -85,6 +85,8 @@ class TrainConfig:
     # share of each pixel's target spread uniformly over the classes in the CE term (label smoothing; 0: off)
     label_smoothing: float = 0.0
     lovasz_from: float = 0.0  # share of the epochs trained before a "+lovasz" term joins the loss (0: from the start)
+    # weight of the mean loss of training-only class heads on the decoder's inner stages (deep supervision; 0: off)
+    deep_supervision: float = 0.0
     class_weighting: str = "none"  # none | sqrt_inverse (from training-set pixel shares)
     class_weight_clip: float = 10.0  # class weights stay within [median/clip, median*clip]
     prior_correction: float = 0.0  # share of log(class weight) taken off the logits at prediction (0: none)
@@ -186,6 +188,9 @@ def validate(cfg: TrainConfig) -> None:
         (0 < cfg.hard_pixels <= 1, f"hard_pixels {cfg.hard_pixels} must be in (0, 1] (a share of the pixels; 1: all)"),
         (0 <= cfg.label_smoothing < 1, f"label_smoothing {cfg.label_smoothing} must be in [0, 1) (0: off)"),
         (0 <= cfg.lovasz_from < 1, f"lovasz_from {cfg.lovasz_from} must be in [0, 1) (a share of the epochs)"),
+        (cfg.deep_supervision >= 0, f"deep_supervision {cfg.deep_supervision} must be >= 0 (0: off; e.g. 0.4)"),
+        (cfg.deep_supervision == 0 or cfg.depth >= 2,
+         f"deep_supervision needs depth >= 2 (a decoder stage besides the last); depth is {cfg.depth}"),
         (cfg.class_weighting in ("none", "sqrt_inverse"), f"class_weighting {cfg.class_weighting!r} is unknown"),
         (0 <= cfg.prior_correction <= 1, f"prior_correction {cfg.prior_correction} must be in [0, 1]"),
         (_valid_scales(cfg.predict_scales),

@@ -24,7 +24,7 @@ import platform
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from . import __version__ as unetseg_version
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .classes import ClassTable
 from .config import TrainConfig, load_run_config, read_yaml, resolve_config, save_yaml
+from .deep_supervision import DeepSupervision
 from .errors import UnetsegError
 from .losses import LossFn, class_weights, make_loss, prior_correction_bias, softmax_loss
 from .metrics import confusion_matrix, mean_iou, pixel_accuracy
@@ -69,27 +70,39 @@ def train_step(
     device: torch.device,
     loss_fn: LossFn = softmax_loss,
     grad_clip: float = 0.0,
+    aux: DeepSupervision | None = None,
+    aux_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One optimisation step on ``images (N, 3, H, W)`` float in [0, 1] and ``masks (N, H, W)`` int64.
 
     ``loss_fn`` gets the logits as the model returns them (bf16 under bf16 autocast) and returns the loss,
     or ``(loss, correct_pixels)`` as ``losses.make_loss``'s functions do (their softmax also gives the
     accuracy; for a plain loss it is counted with an argmax). ``grad_clip`` > 0 rescales the gradients so
-    that their global L2 norm is at most that value.
-    Returns ``(loss, correct_pixels, pixels)``: the detached mean loss, the count of pixels predicted
+    that their global L2 norm is at most that value (over the model's and ``aux``'s weights). ``aux``, the
+    deep-supervision heads hooked into ``model``, adds ``aux_weight`` times the mean of ``loss_fn`` over
+    their logits to the loss that is minimised.
+    Returns ``(loss, correct_pixels, pixels)``: the detached mean loss of the network's own output (without
+    the auxiliary terms, so it compares with runs without them), the count of pixels predicted
     right (a scalar tensor) and of pixels scored. Labels are centre-cropped to the output for the
     unpadded (paper) U-Net, whose output is smaller than its input.
     """
     with autocast(precision, device):
         logits = model(images)
+        aux_logits = aux.pop_logits(tuple(logits.shape[-2:])) if aux is not None else []
     if logits.shape[-2:] != masks.shape[-2:]:
         masks = crop_like(masks, tuple(logits.shape[-2:]))
     result = loss_fn(logits, masks)
     loss, correct = result if isinstance(result, tuple) else (result, None)
+    objective = loss
+    if aux_logits:
+        aux_losses = [loss_fn(a, masks) for a in aux_logits]
+        aux_mean = sum(r[0] if isinstance(r, tuple) else r for r in aux_losses) / len(aux_losses)
+        objective = loss + aux_weight * aux_mean
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    objective.backward()
     if grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True)
+        params = [*model.parameters(), *(aux.parameters() if aux is not None else ())]
+        nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     optimizer.step()
     if correct is None:
         with torch.no_grad():
@@ -157,6 +170,7 @@ class _Run:
     class_pixels: torch.Tensor  # (C,) training-set pixel count per class
     logit_bias: torch.Tensor | None  # (C,) added to the logits at prediction (prior correction)
     ema: torch.optim.swa_utils.AveragedModel | None  # moving average of the weights (cfg.ema > 0)
+    aux: DeepSupervision | None  # training-only class heads on the decoder's inner stages (cfg.deep_supervision > 0)
     frame_weights: torch.Tensor | None  # (N,) sampling weight per training frame (cfg.run_balance > 0)
     data_thread: bool  # batches made in a background thread (True) or between the steps (data_thread_pays)
 
@@ -213,7 +227,8 @@ def _dataset_root(cfg: TrainConfig, run_dir: Path) -> Path:
 
 
 def make_optimizer(
-    name: str, model: nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
+    name: str, model: nn.Module | Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0,
+    momentum: float = 0.9,
 ) -> torch.optim.Optimizer:
     """``adam`` with Keras' epsilon 1e-7 (the lab's ``optimizer='adam'``; torch's default is 1e-8), ``adamw``,
     or ``sgd`` (Nesterov momentum ``momentum``, L2 ``weight_decay``; the one-cycle schedule cycles the
@@ -221,9 +236,10 @@ def make_optimizer(
 
     All use torch's fused implementation where the weights are on a CPU or CUDA device: one kernel per
     tensor instead of ~8 passes over it (on a CPU: 8 ms instead of 32-40 ms per step for the lab model's
-    8.6 M weights, BENCHMARKS.md); the same update up to float rounding.
+    8.6 M weights, BENCHMARKS.md); the same update up to float rounding. ``model`` is a module or the
+    parameters to train.
     """
-    params = list(model.parameters())
+    params = list(model.parameters() if isinstance(model, nn.Module) else model)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, eps=1e-7, weight_decay=weight_decay, fused=fused)
@@ -353,11 +369,15 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
         dropout=cfg.dropout, batch_norm=cfg.batch_norm,
     )
     prepare_model_for_training(model, precision, device)
-    optimizer = make_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay, cfg.momentum)
     ema = None
     if cfg.ema > 0:
         ema = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=_ema_update(cfg.ema, cfg.ema_warmup), use_buffers=True)
+    aux = None
+    if cfg.deep_supervision > 0:  # after the average's copy of the model, which must not carry the hooks
+        aux = DeepSupervision(model, n_classes).to(device, memory_format=memory_format(device))
+    params = [*model.parameters(), *(aux.parameters() if aux is not None else ())]
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, cfg.momentum)
     steps = math.ceil(len(split.train) / cfg.batch_size)
     scheduler = _make_scheduler(cfg, optimizer, steps * cfg.epochs)
     train_masks = data.masks.index_select(0, tr)
@@ -383,7 +403,7 @@ def _setup(cfg: TrainConfig, run_dir: Path, split_dict: dict | None = None) -> _
         val_images=data.images.index_select(0, va), val_masks=data.masks.index_select(0, va), split=split,
         model=model, optimizer=optimizer, scheduler=scheduler, loss_fn=loss_fn,
         loss_fn_before_lovasz=loss_fn_before_lovasz, steps_per_epoch=steps, preprocess=preprocess,
-        class_pixels=class_pixels, logit_bias=logit_bias, ema=ema, frame_weights=frame_weights,
+        class_pixels=class_pixels, logit_bias=logit_bias, ema=ema, aux=aux, frame_weights=frame_weights,
         data_thread=data_thread_pays(device),
     )
 
@@ -537,6 +557,8 @@ def _checkpoint_state(run: _Run, epoch: int, best: float, history: list, for_res
         if run.ema is not None:  # "model" holds the average; resuming also needs the weights being trained
             state["train_model"] = run.model.state_dict()
             state["ema_updates"] = int(run.ema.n_averaged)
+        if run.aux is not None:
+            state["aux_heads"] = run.aux.state_dict()
         state["optimizer"] = run.optimizer.state_dict()
         state["scheduler"] = run.scheduler.state_dict() if run.scheduler is not None else None
         state["rng"] = torch.get_rng_state()
@@ -575,7 +597,7 @@ def _fit(run: _Run, start_epoch: int, history: list[dict[str, Any]], best: float
             x, y = next(batches)
             data_wait += time.perf_counter() - tw
             loss, ok, n_px = train_step(model, run.optimizer, x, y, run.precision, run.device, loss_fn,
-                                        cfg.grad_clip)
+                                        cfg.grad_clip, run.aux, cfg.deep_supervision)
             if not torch.isfinite(loss):
                 bar.close()
                 if history:
@@ -742,6 +764,10 @@ def train(config: TrainConfig | None = None, **settings: Any) -> dict[str, Any]:
     if early_epochs:
         (h, w), (fh, fw) = crop_for_epoch(cfg, 1), crop_for_epoch(cfg, cfg.epochs)
         print(f"training crops: {h}x{w} for epochs 1-{early_epochs}, then {fh}x{fw}", flush=True)
+    if run.aux is not None:
+        n = len(run.aux.heads)
+        print(f"deep supervision: {n} training-only head{'s' if n > 1 else ''} ({count_parameters(run.aux):,} "
+              f"parameters) on the decoder's inner stages, their mean loss weighted {cfg.deep_supervision}", flush=True)
     total_steps = run.steps_per_epoch * cfg.epochs
     last_decay = ema_decay_at(cfg.ema, total_steps - 1)
     if cfg.ema > 0 and cfg.ema_warmup == "tf" and last_decay < cfg.ema:
@@ -769,6 +795,11 @@ def resume(run_dir: str | Path, epochs: int | None = None) -> dict[str, Any]:
     if run.ema is not None:
         run.ema.module.load_state_dict(state["model"])
         run.ema.n_averaged.fill_(state.get("ema_updates", 0))
+    if run.aux is not None:
+        if "aux_heads" not in state:
+            raise UnetsegError(f"{run_dir / 'last.pt'} has no deep-supervision heads (aux_heads) although the run's "
+                               "config sets deep_supervision; it cannot be resumed as the same run")
+        run.aux.load_state_dict(state["aux_heads"])
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state.get("scheduler") is not None:
         run.scheduler.load_state_dict(state["scheduler"])
