@@ -82,10 +82,10 @@ class DeepSupervision(nn.Module):
         if any(f is None for f in self._features):
             raise UnetsegError("deep supervision: no decoder features kept; run the model in training mode "
                                "with gradients on before pop_logits")
+        features, self._features = self._features, [None] * len(self._features)
         out = []
-        for i, (head, stride) in enumerate(zip(self.heads, self.strides, strict=True)):
-            logits = head(self._features[i])
-            self._features[i] = None
+        for feature, head, stride in zip(features, self.heads, self.strides, strict=True):
+            logits = head(feature)
             if stride > 1:
                 logits = F.interpolate(logits, scale_factor=stride, mode="bilinear", align_corners=False)
             out.append(crop_like(logits, size))

@@ -78,7 +78,7 @@ def train_step(
     ``loss_fn`` gets the logits as the model returns them (bf16 under bf16 autocast) and returns the loss,
     or ``(loss, correct_pixels)`` as ``losses.make_loss``'s functions do (their softmax also gives the
     accuracy; for a plain loss it is counted with an argmax). ``grad_clip`` > 0 rescales the gradients so
-    that their global L2 norm is at most that value (over the model's and ``aux``'s weights). ``aux``, the
+    that their global L2 norm is at most that value (over every weight ``optimizer`` trains). ``aux``, the
     deep-supervision heads hooked into ``model``, adds ``aux_weight`` times the mean of ``loss_fn`` over
     their logits to the loss that is minimised.
     Returns ``(loss, correct_pixels, pixels)``: the detached mean loss of the network's own output (without
@@ -101,8 +101,8 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     objective.backward()
     if grad_clip > 0:
-        params = [*model.parameters(), *(aux.parameters() if aux is not None else ())]
-        nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+        trained = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(trained, grad_clip, foreach=True)
     optimizer.step()
     if correct is None:
         with torch.no_grad():
