@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from conftest import TINY_TRAIN
 
 from unetseg import runtime
 from unetseg.checkpoint import load_checkpoint, save_checkpoint
-from unetseg.config import resolve_config
+from unetseg.config import load_run_config, resolve_config
 from unetseg.data import load_dataset
 from unetseg.errors import UnetsegError
 from unetseg.losses import cross_entropy
@@ -49,6 +50,18 @@ def test_lab_recipe_is_the_lab() -> None:
         [96, 128], "lab", "adam", 1e-3, "ce", 32, 40
     )
     assert not cfg.augment and cfg.crop is None and cfg.schedule == "constant" and cfg.class_weighting == "none"
+    assert cfg.deep_supervision == 0 and not cfg.batch_norm and cfg.ema == 0  # nothing the lab does not train
+
+
+def test_a_run_saved_before_a_recipe_setting_resumes_without_it(tmp_path: Path) -> None:
+    # deep_supervision joined the default recipe in session 30: a run whose config.yaml predates the key
+    # trained without heads, and its last.pt has none, so resume must not take the recipe's value.
+    assert resolve_config(recipe="default").deep_supervision > 0
+    settings = {k: v for k, v in dataclasses.asdict(resolve_config(recipe="default")).items()
+                if k != "deep_supervision"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"settings": settings}), encoding="utf-8")
+    cfg = load_run_config(tmp_path)
+    assert cfg.deep_supervision == 0 and cfg.recipe == "default" and cfg.batch_norm
 
 
 def test_default_recipe_predicts_at_two_scales() -> None:

@@ -190,7 +190,8 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.lovasz_from < 1, f"lovasz_from {cfg.lovasz_from} must be in [0, 1) (a share of the epochs)"),
         (cfg.deep_supervision >= 0, f"deep_supervision {cfg.deep_supervision} must be >= 0 (0: off; e.g. 0.4)"),
         (cfg.deep_supervision == 0 or cfg.depth >= 2,
-         f"deep_supervision needs depth >= 2 (a decoder stage besides the last); depth is {cfg.depth}"),
+         f"deep_supervision needs depth >= 2 (a decoder stage besides the last); depth is {cfg.depth}: "
+         "use depth >= 2 or set deep_supervision: 0"),
         (cfg.class_weighting in ("none", "sqrt_inverse"), f"class_weighting {cfg.class_weighting!r} is unknown"),
         (0 <= cfg.prior_correction <= 1, f"prior_correction {cfg.prior_correction} must be in [0, 1]"),
         (_valid_scales(cfg.predict_scales),
